@@ -1,0 +1,62 @@
+"""Convert a public Stable Diffusion 1.x checkpoint into drp's weights folder (default `weights/`).
+
+    python convert_weights.py --download                       # fetch SD 1.5, then convert it
+    python convert_weights.py v1-5-pruned-emaonly.safetensors  # a single file (.safetensors or .ckpt)
+    python convert_weights.py path/to/stable-diffusion-v1-5    # a diffusers folder
+
+The folder then holds unet.safetensors, vae.safetensors, text_encoder.safetensors and model.json,
+which `drp.load()` reads. See drp/convert.py for what is checked along the way.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from drp.errors import DrpError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Convert an SD 1.x checkpoint (single .safetensors/.ckpt file or diffusers folder) "
+                    "into drp's weights folder.")
+    parser.add_argument("src", nargs="?", metavar="SRC",
+                        help="checkpoint file or diffusers folder; with --download: where to save the "
+                             "download (default DIR/<file name of the URL>)")
+    parser.add_argument("--out", default="weights", metavar="DIR", help="folder to write (default: weights)")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="number format of the written files (default: fp16, half the size)")
+    parser.add_argument("--force", action="store_true", help="replace weights already converted in DIR")
+    parser.add_argument("--download", action="store_true",
+                        help="first download the public SD 1.5 single file (about 4 GB; an existing "
+                             "complete file is reused, an interrupted download resumed), then convert it")
+    parser.add_argument("--url", help="address to download from (default: $DRP_WEIGHTS_URL, else the "
+                                      "stable-diffusion-v1-5 file on Hugging Face)")
+    args = parser.parse_args(argv)
+    if args.src is None and not args.download:
+        parser.error("give SRC (a checkpoint file or diffusers folder) or --download")
+    if args.url and not args.download:
+        parser.error("--url only makes sense with --download")
+
+    try:
+        from drp.convert import check_can_write, convert
+
+        src = args.src
+        if args.download:
+            from drp.download import download, weights_url
+
+            check_can_write(args.out, args.force)  # before, not after, a 4 GB download
+
+            url = weights_url(args.url)
+            src = args.src or Path(args.out) / url.rsplit("/", 1)[-1].split("?")[0]
+            src = download(url, src, progress=True)
+            print(f"checkpoint: {src}")
+        for path in convert(src, args.out, dtype=args.dtype, force=args.force, progress=True):
+            print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    except DrpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

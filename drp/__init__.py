@@ -1,0 +1,17 @@
+"""drp — Stable Diffusion 1.x and DRP-Diff (dual-reference personalization), from scratch.
+
+    import drp
+    sd = drp.load("weights")
+    result = drp.generate(sd, "a cat on the beach, in the style of a painting",
+                          content="cat.png", subject="cat", style="painting.jpg")
+    result.images[0].save("out.png")
+
+Reading order: tokenizer, clip, attention, unet, vae, ddim, pipeline, dual_reference (then masks,
+entropy, cache), and the plumbing: convert/keymaps, model_io, images, report, devices, png_info.
+"""
+
+from .errors import DrpError
+from .model_io import StableDiffusion, load
+from .pipeline import Result, Trajectory, generate, invert
+
+__all__ = ["DrpError", "StableDiffusion", "Result", "Trajectory", "load", "generate", "invert"]

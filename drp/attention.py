@@ -1,0 +1,87 @@
+"""Multi-head attention for the UNet, and the one extension point of the project: the hook.
+
+Every attention layer of the UNet (self-attention `attn1` and cross-attention `attn2` in each
+transformer block) projects its input to queries, keys and values, and then *attends*. The
+attend step is the place where methods such as DRP-Diff, StyleAligned or prompt-to-prompt change
+Stable Diffusion, so it is split out:
+
+    out = attend(q, k, v)                      # default: one fused kernel
+    out = hook(attn, q, k, v, call)            # if a hook is given: anything you like
+
+`q, k, v` are `(B, heads, tokens, head_dim)`; the hook returns the same layout as `q`. `call`
+says which layer is asking (its dotted name in the checkpoint, whether it is cross-attention, and
+the token grid of the queries), so a hook can decide per layer without any state on the module.
+Adding reference keys/values is one `torch.cat` on the token axis (dim 2) before `attend`.
+
+Follows `CrossAttention` of CompVis/stable-diffusion (ldm/modules/attention.py); parameter names
+are diffusers' (`to_q`, `to_k`, `to_v`, `to_out.0`).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    """Which attention layer a hook is being called for."""
+
+    name: str  # dotted module path, e.g. "up_blocks.2.attentions.1.transformer_blocks.0.attn1"
+    is_cross: bool  # True for attn2 (queries from the image, keys/values from the text)
+    hw: tuple  # (height, width) of the query token grid
+
+
+Hook = Callable[["Attention", torch.Tensor, torch.Tensor, torch.Tensor, AttnCall], torch.Tensor]
+
+
+def attend(q, k, v, bias=None):
+    """softmax(q kᵀ / √d + bias) v with the fused kernel; shapes (B, h, N, d) and (B, h, M, d)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def attention_probs(q, k, bias=None):
+    """The attention weights softmax(q kᵀ / √d + bias), (B, h, N, M), in fp32 for stability."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1)
+
+
+def attend_explicit(q, k, v, bias=None):
+    """The same as `attend`, written out: for reading, and for methods that need the weights."""
+    return (attention_probs(q, k, bias) @ v.float()).to(v.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections and an optional hook on the attend step."""
+
+    def __init__(self, dim, context_dim=None, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        self.name = ""  # set by the owning model to the module's dotted path
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # "to_out.0" keeps the checkpoint key
+
+    def split_heads(self, x):
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+
+    def forward(self, x, context=None, hw=None, hook: Optional[Hook] = None):
+        context = x if context is None else context
+        q = self.split_heads(self.to_q(x))
+        k = self.split_heads(self.to_k(context))
+        v = self.split_heads(self.to_v(context))
+        if hook is None:
+            out = attend(q, k, v)
+        else:
+            out = hook(self, q, k, v, AttnCall(self.name, self.is_cross, tuple(hw or ())))
+        b, h, n, d = out.shape
+        out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
+        return self.to_out[0](out)

@@ -1,0 +1,139 @@
+"""The CLIP ViT-L/14 text transformer: how Stable Diffusion 1.x reads the prompt.
+
+The tokenizer turns a prompt into 77 token ids (BOS, the words, EOS, then EOS again as padding).
+This model turns them into 77 vectors of 768 numbers, one per position, and the UNet attends to
+all 77 of them through cross-attention. SD 1.x uses the *last hidden state*: the output of the
+final LayerNorm at every position, not CLIP's pooled sentence embedding.
+
+The network is a plain pre-LayerNorm GPT-style transformer: token + learned position embeddings,
+12 layers of causal self-attention and an MLP, each wrapped as `x + f(LayerNorm(x))`.
+
+Follows `Transformer` / `ResidualAttentionBlock` / `QuickGELU` of openai/CLIP
+  https://github.com/openai/CLIP/blob/main/clip/model.py
+as SD 1.x loads it through `FrozenCLIPEmbedder` of CompVis/stable-diffusion
+  https://github.com/CompVis/stable-diffusion/blob/main/ldm/modules/encoders/modules.py
+Parameter names are those of transformers' `CLIPTextModel` files (`text_model.encoder.layers.N...`),
+so `text_encoder/model.safetensors` of a diffusers folder loads with no key map. The files also
+hold `text_model.embeddings.position_ids`, which is just `arange(77)`; we compute it instead.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DrpError
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Shape of the text encoder; the defaults are CLIP ViT-L/14's, as used by SD 1.x."""
+
+    vocab_size: int = 49408  # 2×256 byte tokens + 48894 BPE merges + BOS (49406) and EOS (49407)
+    max_len: int = 77  # the context length CLIP was trained with
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12  # 64 channels per head
+    mlp_dim: int = 3072  # 4 × dim
+
+    @classmethod
+    def tiny(cls):
+        """A small configuration for tests; vocabulary and context length stay real."""
+        return cls(dim=128, layers=2, heads=2, mlp_dim=256)
+
+
+def quick_gelu(x):
+    """GELU(x) = x·Φ(x) approximated as x·σ(1.702x).
+
+    1.702 is the scale at which the logistic sigmoid best matches the normal CDF Φ (Hendrycks &
+    Gimpel, "Gaussian Error Linear Units", 2016). OpenAI trained CLIP with this approximation, so
+    its weights expect exactly it; the exact GELU gives slightly different embeddings.
+    """
+    return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: each token sees itself and the tokens before it."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def split_heads(self, x):
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+
+    def forward(self, x):
+        q = self.split_heads(self.q_proj(x))
+        k = self.split_heads(self.k_proj(x))
+        v = self.split_heads(self.v_proj(x))
+        # Causal even for the padding: SD passes no padding mask, so every position, padding
+        # included, attends to all real tokens before it, and the UNet sees all 77 outputs.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        b, h, n, d = out.shape
+        out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: widen ×4, QuickGELU, narrow back."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+
+    def forward(self, x):
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """One pre-LayerNorm transformer layer: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.dim, eps=1e-5)  # eps 1e-5: CLIP's (and PyTorch's) default
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.dim, eps=1e-5)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class CLIPTextModel(nn.Module):
+    """The CLIP text transformer; returns the final-LayerNorm hidden state of every position."""
+
+    def __init__(self, cfg: CLIPConfig = CLIPConfig()):
+        super().__init__()
+        self.cfg = cfg
+        # nested dicts only to reproduce the checkpoint's key paths under "text_model."
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(cfg.vocab_size, cfg.dim),
+                position_embedding=nn.Embedding(cfg.max_len, cfg.dim),
+            )),
+            encoder=nn.ModuleDict(dict(
+                layers=nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)]),
+            )),
+            final_layer_norm=nn.LayerNorm(cfg.dim, eps=1e-5),
+        ))
+
+    def forward(self, tokens):
+        """tokens (B, 77) int64 -> last hidden state (B, 77, dim)."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.cfg.max_len:
+            raise DrpError(f"the text encoder takes token ids of shape (batch, {self.cfg.max_len}), "
+                           f"got {tuple(tokens.shape)}; tokenize the prompts with drp's Tokenizer.")
+        m = self.text_model
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = m.embeddings.token_embedding(tokens) + m.embeddings.position_embedding(positions)
+        for layer in m.encoder.layers:
+            x = layer(x)
+        return m.final_layer_norm(x)

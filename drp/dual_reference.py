@@ -1,0 +1,336 @@
+"""DRP-Diff: dual-reference personalization as attention hooks (the design of ALGORITHM.md).
+
+A generated image borrows from two pictures: the *subject* of a customized reference (this cat) and
+the *look* of a style reference (this painting), while the prompt keeps deciding the rest. Both
+references are DDIM-inverted once (`prepare`); during sampling each is *replayed* as one extra row
+of the UNet batch, so at every injected self-attention layer its keys/values of the current step
+are at hand. The hook of each step then lets the generated rows see a chosen part of them:
+
+    early stage  (i < N_e): queries see [own ; content foreground ; style foreground]
+    late stage  (i ≥ N_e): queries AdaIN'd to the style background, then
+                            subject queries    see [own ; content foreground ; style background]
+                            background queries see [own ; style background]
+
+Reference tokens are *gathered* by mask (fewer keys, one dense attention call), never masked with
+−∞. Masks come from the model itself (`drp/masks.py`), the switch step N_e from the references'
+entropies (`drp/entropy.py`). Nothing is stored on the model: each step gets a fresh hook object.
+"""
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import cache, entropy, masks
+from .attention import attend, attention_probs
+from .errors import DrpError
+from .images import fit, load_image, load_mask
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs of DRP-Diff; the defaults are ALGORITHM.md's."""
+
+    layers: tuple = ("up_blocks.2", "up_blocks.3")  # blocks whose self-attention (attn1) is injected
+    use_masks: bool = True  # False: every reference token everywhere (StyleAligned-like concatenation)
+    fixed_switch: bool = False  # True: α = 0.5 whatever the entropies
+    content_bias: float = math.log(2)  # early-stage logit bias on content tokens (StyleAligned's shift)
+    adain: bool = True  # late stage: AdaIN of queries/keys to the style background
+    share_uncond: bool = True  # the unconditional CFG rows see the references too
+    style_caption: str = ""  # the caption the style reference is inverted with
+    cache_dir: object = None  # where trajectories are kept (None: cache.default_cache_dir())
+    use_cache: bool = True
+    mask_layers: tuple = ("down_blocks.2", "up_blocks.1")  # the 16×16 cross-attention (at 512 px)
+    self_layer: str = "up_blocks.2.attentions.2.transformer_blocks.0.attn1"  # the 32×32 self-attention S
+    record_t: tuple = (200, 800)  # inversion steps whose attention makes the masks
+    gen_mask_warmup: int = 5  # steps before the generated subject mask is trusted
+    gen_mask_threshold: float = 0.3
+
+
+def subject_positions(sd, text, subject):
+    """Token positions (in the 77-token row, BOS at 0) of the words of `subject` inside `text`."""
+    words, ids = sd.tokenizer.encode(subject), sd.tokenizer.encode(text)
+    for start in range(len(ids) - len(words) + 1):
+        if ids[start : start + len(words)] == words:
+            return [1 + start + j for j in range(len(words)) if 1 + start + j < 76]
+    return None
+
+
+def in_layers(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class Recorder:
+    """An inversion hook that averages the maps the masks are made of (ALGORITHM §2); outputs unchanged."""
+
+    def __init__(self, opts, tokens):
+        self.opts, self.tokens = opts, tokens  # subject token positions in the caption, or None
+        self.cross, self.cross_n, self.self_attn, self.self_n, self.grid = 0, 0, 0, 0, None
+
+    def __call__(self, attn, q, k, v, call):
+        if call.is_cross and self.tokens and in_layers(call.name, self.opts.mask_layers):
+            p = attention_probs(q, k)[..., self.tokens].mean(dim=(1, 3))  # (1, N): heads and words
+            self.cross = self.cross + p.reshape(call.hw)
+            self.cross_n += 1
+        elif call.name == self.opts.self_layer:
+            self.self_attn = self.self_attn + attention_probs(q, k).mean(dim=1)[0]  # (N, N) over heads
+            self.self_n += 1
+            self.grid = call.hw
+        return attend(q, k, v)
+
+
+@dataclass
+class Reference:
+    """One prepared reference: its replayed trajectory, caption context and foreground mask."""
+
+    kind: str  # "content" or "style"
+    latents: torch.Tensor  # (steps, 1, 4, h, w)
+    context: torch.Tensor  # (1, 77, C)
+    mask: torch.Tensor  # (H, W) float 0/1 at image resolution: the foreground
+    entropy: float
+    rule: str  # which rule made the mask
+    cached: bool
+
+
+def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress):
+    """Invert (or read from the cache) one reference and find its foreground."""
+    from .pipeline import encode_text, invert  # the pipeline imports this module lazily, and we it
+
+    img = load_image(image, f"{kind} reference")
+    fitted = fit(img, width, height)
+    weights_id = (sd.source or {}).get("sha256", "unknown")
+    key = cache.cache_key(fitted, caption, steps, width, height, weights_id)
+    folder = opts.cache_dir or cache.default_cache_dir()
+    stored = cache.load(folder, key) if opts.use_cache else None
+    cached = stored is not None
+    if stored is None:
+        recorder = Recorder(opts, tokens)
+        lo, hi = opts.record_t
+        trajectory = invert(sd, fitted, caption, steps, height, width, progress=progress,
+                            hook_for_step=lambda k, t: recorder if lo <= t <= hi else None)
+        stored = {"latents": trajectory.latents}
+        if recorder.self_n:
+            stored["self_attn"] = recorder.self_attn / recorder.self_n
+            stored["grid"] = torch.tensor(recorder.grid)
+        if recorder.cross_n:
+            stored["cross"] = recorder.cross / recorder.cross_n
+        if opts.use_cache:
+            cache.save(folder, key, stored, {"kind": kind, "caption": caption})
+
+    if user_mask is not None:
+        mask, rule = load_mask(user_mask, width, height, f"{kind} mask"), "user mask"
+    elif not opts.use_masks:
+        mask, rule = torch.ones(height, width), "no masks (ablation)"
+    elif "self_attn" not in stored:  # too few steps fell inside record_t to make a mask
+        mask, rule = torch.ones(height, width), "everything (no attention recorded)"
+    else:
+        cross = masks.normalise(stored["cross"]) if "cross" in stored else None
+        grid = tuple(stored["grid"].tolist())
+        fg, rule = masks.foreground_mask(cross, stored["self_attn"].float(), grid)
+        mask = masks.upsample_mask(fg.float(), (height, width))
+    context = encode_text(sd, [caption])
+    return Reference(kind, stored["latents"].to(sd.device), context, mask, entropy.image_entropy(img), rule, cached)
+
+
+class DualReference:
+    """The prepared references of one generation, and the hook of each sampling step."""
+
+    def __init__(self, refs, opts, batch, subject_tokens, switch_step, report):
+        self.refs, self.opts, self.batch = refs, opts, batch
+        self.subject_tokens = subject_tokens  # per prompt: positions of the subject in the prompt, or None
+        self.switch_step = switch_step
+        self.context = torch.cat([r.context for r in refs.values()])  # (R, 77, C)
+        self._report, self._index, self.generated_mask = report, {}, None
+
+    def latents_at(self, i):
+        """The replayed reference rows of step i: the stored inversion latents, (R, 4, h, w)."""
+        return torch.cat([r.latents[i] for r in self.refs.values()])
+
+    def hook(self, i, late):
+        return StepHook(self, i, late)
+
+    def tokens(self, kind, part, hw):
+        """Indices of a reference's foreground ("fg") or background ("bg") tokens at grid hw."""
+        key = (kind, part, hw)
+        if key not in self._index:
+            fg = masks.resize_mask(self.refs[kind].mask, hw).flatten() > 0.5
+            if not self.opts.use_masks:
+                fg = torch.ones_like(fg)
+            chosen = fg if part == "fg" or not self.opts.use_masks else ~fg
+            self._index[key] = chosen.nonzero().squeeze(1).to(self.context.device)
+        return self._index[key]
+
+    def report(self):
+        report = dict(self._report)
+        if self.generated_mask is not None:
+            report["coverage"] = dict(report["coverage"], generated=float(self.generated_mask.mean()))
+        return report
+
+    def masks(self):
+        out = {kind: r.mask for kind, r in self.refs.items()}
+        if self.generated_mask is not None:  # the last step's subject mask, at image resolution
+            out["generated"] = masks.upsample_mask(self.generated_mask, next(iter(out.values())).shape)
+        return out
+
+
+def adain(x, ref):
+    """Give x (B, h, N, d) the per-head, per-channel mean/std over tokens of ref (1, h, M, d)."""
+    def stats(t):
+        t = t.float()
+        return t.mean(dim=2, keepdim=True), (t.var(dim=2, keepdim=True, unbiased=False) + 1e-5).sqrt()
+
+    mx, sx = stats(x)
+    mr, sr = stats(ref)
+    return ((x.float() - mx) / sx * sr + mr).to(x.dtype)
+
+
+class StepHook:
+    """The attention hook of one sampling step: records the subject's cross-attention, injects references."""
+
+    def __init__(self, method, step, late):
+        self.m, self.step, self.late = method, step, late
+        self.cross, self.cross_n, self._gen = 0, 0, {}
+
+    def __call__(self, attn, q, k, v, call):
+        m, g = self.m, 2 * self.m.batch  # rows: g generated (unconditional, conditional), then references
+        if call.is_cross:
+            if self.step >= m.opts.gen_mask_warmup and in_layers(call.name, m.opts.mask_layers):
+                self.record_subject(q[m.batch : g], k[m.batch : g], call.hw)
+            return attend(q, k, v)
+        if not (call.name.endswith("attn1") and in_layers(call.name, m.opts.layers)):
+            return attend(q, k, v)
+        start = 0 if m.opts.share_uncond else m.batch  # rows before `start` attend as in plain SD
+        plain = [attend(q[:start], k[:start], v[:start])] if start else []
+        injected = self.inject(q[start:g], k[start:g], v[start:g], k[g:], v[g:], q[g:], call.hw)
+        replayed = attend(q[g:], k[g:], v[g:])  # the references attend to themselves, as when inverted
+        return torch.cat(plain + [injected, replayed])
+
+    def record_subject(self, q, k, hw):
+        """Accumulate the prompt's subject cross-attention of the conditional rows: (B, h', w')."""
+        maps = []
+        for b, tokens in enumerate(self.m.subject_tokens):
+            if tokens is None:
+                return
+            maps.append(attention_probs(q[b : b + 1], k[b : b + 1])[..., tokens].mean(dim=(1, 3)).reshape(hw))
+        self.cross = self.cross + torch.stack(maps)
+        self.cross_n += 1
+
+    def generated_foreground(self, hw, rows):
+        """M_gen at grid hw, (rows, 1, N, 1), or None while every query counts as foreground."""
+        if not self.cross_n:
+            return None
+        if hw not in self._gen:
+            maps = [masks.normalise(c) >= self.m.opts.gen_mask_threshold for c in self.cross / self.cross_n]
+            fine = torch.stack([masks.resize_mask(mk.float(), hw) for mk in maps])  # (B, h, w)
+            self.m.generated_mask = maps[0].float()
+            self._gen[hw] = fine
+        fine = self._gen[hw].flatten(1)[:, None, :, None]
+        return torch.cat([fine] * (rows // fine.shape[0]))
+
+    def inject(self, q, k, v, k_ref, v_ref, q_ref, hw):
+        """DRP-Diff attention for the generated rows q/k/v (G, h, N, d) given the reference rows."""
+        m, rows = self.m, q.shape[0]
+        index = {kind: j for j, kind in enumerate(m.refs)}
+
+        def part(kind, which, t):  # a reference's fg/bg tokens, repeated for every generated row
+            return t[index[kind] : index[kind] + 1][:, :, m.tokens(kind, which, hw)].expand(rows, -1, -1, -1)
+
+        has_cu, has_st = "content" in m.refs, "style" in m.refs
+        if not self.late:
+            ks, vs, bias = [k], [v], [torch.zeros(k.shape[2])]
+            for kind, b in (("content", m.opts.content_bias), ("style", 0.0)):
+                if kind in m.refs:
+                    ks.append(part(kind, "fg", k_ref))
+                    vs.append(part(kind, "fg", v_ref))
+                    bias.append(torch.full((ks[-1].shape[2],), b))
+            bias = torch.cat(bias).to(q.device, q.dtype)
+            return attend(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), bias if bias.any() else None)
+
+        if has_st:  # late stage: the style's background is the texture source
+            k_bg, v_bg = part("style", "bg", k_ref), part("style", "bg", v_ref)
+            if m.opts.adain and k_bg.shape[2] > 0:
+                q = adain(q, part("style", "bg", q_ref)[:1])
+                k = adain(k, k_bg[:1])
+            k_back, v_back = torch.cat([k, k_bg], dim=2), torch.cat([v, v_bg], dim=2)
+        else:
+            k_back, v_back = k, v
+        if not has_cu:  # style only: every query sees [own ; style background]
+            return attend(q, k_back, v_back)
+        k_fore = torch.cat([k_back, part("content", "fg", k_ref)], dim=2)
+        v_fore = torch.cat([v_back, part("content", "fg", v_ref)], dim=2)
+        out_fore = attend(q, k_fore, v_fore)
+        fg = self.generated_foreground(hw, rows)
+        if fg is None:
+            return out_fore
+        out_back = attend(q, k_back, v_back)
+        fg = fg.to(q.dtype)
+        return fg * out_fore + (1 - fg) * out_back
+
+
+def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
+            switch_step=None, steps=50, height=512, width=512, progress=True, timings=None, **options):
+    """Everything DRP-Diff needs before sampling, or None when there is no reference (plain text-to-image)."""
+    known = {f.name for f in fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DrpError(f"unknown option {unknown[0]!r}; DRP-Diff's options are: {', '.join(sorted(known))}.")
+    if "layers" in options and isinstance(options["layers"], str):
+        options["layers"] = tuple(s.strip() for s in options["layers"].split(",") if s.strip())
+    opts = Options(**options)
+    if subject is not None and content is None:
+        warnings.warn("a subject was given without a content reference; it only shapes the generated mask.",
+                      stacklevel=3)
+    if content is None and style is None:
+        return None
+
+    subject_tokens = [None] * len(prompts)
+    if subject:
+        subject_tokens = [subject_positions(sd, p, subject) for p in prompts]
+        for p, tokens in zip(prompts, subject_tokens):
+            if tokens is None:
+                words = " ".join(repr(w) for w in p.split())
+                raise DrpError(f"the subject {subject!r} is not a word of the prompt ({words}); "
+                               "pass one of the prompt's words as subject.")
+    elif content is not None:
+        warnings.warn("no subject was given: the content reference's foreground is guessed from its borders; "
+                      "pass subject= (the word naming it in the prompt) for a better mask.", stacklevel=3)
+
+    start, refs = time.perf_counter(), {}
+    for kind, image, user_mask in (("content", content, content_mask), ("style", style, style_mask)):
+        if image is None:
+            continue
+        caption = f"a photo of a {subject}" if kind == "content" and subject else (
+            "a photo" if kind == "content" else opts.style_caption)
+        tokens = subject_positions(sd, caption, subject) if subject else None
+        ref = prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress)
+        coverage = float(ref.mask.mean())
+        if coverage == 0:
+            warnings.warn(f"the {kind} mask is all black: it selects nothing, so the {kind} reference is ignored.",
+                          stacklevel=3)
+            continue
+        if coverage == 1 and user_mask is not None:
+            warnings.warn(f"the {kind} mask is all white: the whole {kind} reference counts as foreground"
+                          + (", so no style background is left for the late stage." if kind == "style" else "."),
+                          stacklevel=3)
+        refs[kind] = ref
+    if timings is not None:
+        timings["references"] = time.perf_counter() - start
+    if not refs:
+        return None
+
+    h_cu = refs["content"].entropy if "content" in refs else None
+    h_st = refs["style"].entropy if "style" in refs else None
+    alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
+    if switch_step is None:
+        n_e = entropy.switch_step(alpha, steps)
+    elif isinstance(switch_step, int) and 0 <= switch_step <= steps:
+        n_e = switch_step
+    else:
+        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), got {switch_step!r}.")
+    report = dict(H_cu=h_cu, H_st=h_st, rho=(h_cu / h_st if h_cu is not None and h_st else None), alpha=alpha,
+                  switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
+                  mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},
+                  layers=list(opts.layers))
+    return DualReference(refs, opts, len(prompts), subject_tokens, n_e, report)

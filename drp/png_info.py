@@ -1,0 +1,90 @@
+"""The generation settings inside every PNG, in the text format the Stable Diffusion web UIs write.
+
+Where it sits: after `generate`, when an image is saved. The AUTOMATIC1111 web UI (and the tools that
+read its files: prompt readers, image browsers, "PNG info" tabs) keep the settings in a PNG text chunk
+named `parameters`:
+
+    a cat sitting on a beach
+    Negative prompt: blurry
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
+
+Line 1 is the prompt, line 2 (only when there is one) the negative prompt, the last line `key: value`
+pairs separated by ", ". Size is width x height. A value holding a comma, a colon or a newline is
+written as a JSON string, as the web UI does, so the line still splits cleanly. DRP-Diff's settings are
+appended as further pairs (`DRP switch step: 23`, …).
+
+The file holds nothing that changes from run to run (no time stamp), so the same seed and settings give
+the same bytes.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from PIL.PngImagePlugin import PngInfo
+
+# DRP-Diff's report keys (`result.info["drp"]`) shown in the parameters line, in this order.
+DRP_FIELDS = (
+    ("content", "DRP content"),
+    ("style", "DRP style"),
+    ("subject", "DRP subject"),
+    ("H_cu", "DRP H_cu"),
+    ("H_st", "DRP H_st"),
+    ("rho", "DRP rho"),
+    ("alpha", "DRP alpha"),
+    ("switch_step", "DRP switch step"),
+)
+
+
+def _value(v):
+    """A setting as the web UI writes it: numbers plainly (7.5, 7), text JSON-quoted when it would break the line."""
+    if isinstance(v, float):
+        v = round(v, 4)
+        v = int(v) if v.is_integer() and abs(v) < 1e15 else v
+    text = str(v)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _model_name(model):
+    """The checkpoint's file name without its extension ("v1-5-pruned-emaonly"), as the web UI shows it."""
+    name = Path(str(model)).name
+    for ext in (".safetensors", ".ckpt"):
+        name = name.removesuffix(ext)
+    return name
+
+
+def parameters_text(info, index=0):
+    """`Result.info` -> the web UI's `parameters` text for image `index` of the batch."""
+    prompts = info["prompt"] if isinstance(info["prompt"], (list, tuple)) else [info["prompt"]]
+    seeds = info.get("seeds") or [info["seed"] + k for k in range(len(prompts))]
+    lines = [prompts[index]]
+    if info.get("negative_prompt"):
+        lines.append(f"Negative prompt: {info['negative_prompt']}")
+    fields = {
+        "Steps": info["steps"],
+        "Sampler": info.get("sampler", "DDIM"),
+        "CFG scale": info["guidance"],
+        "Seed": seeds[index],
+        "Size": f"{info['width']}x{info['height']}",
+        "Model": _model_name(info.get("model", "unknown")),
+    }
+    if info.get("eta", 0) > 0:
+        fields["Eta"] = info["eta"]
+    drp = info.get("drp") or {}
+    fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None})
+    lines.append(", ".join(f"{key}: {_value(v)}" for key, v in fields.items()))
+    return "\n".join(lines)
+
+
+def save_png(img, path, text):
+    """Write `img` as a PNG at `path` with `text` in a `parameters` chunk: to a temporary file, then renamed."""
+    path = Path(path)
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
+    try:
+        img.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,207 @@
+"""DRP-Diff's invariants (ALGORITHM.md §6) on a tiny random model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import drp
+from drp import dual_reference as dr
+from drp.attention import attend
+from drp.clip import CLIPConfig, CLIPTextModel
+from drp.errors import DrpError
+from drp.model_io import StableDiffusion
+from drp.tokenizer import Tokenizer
+from drp.unet import UNet, UNetConfig
+from drp.vae import VAE, VAEConfig
+
+SIZE, STEPS = 64, 6
+PROMPT = "a cat on the beach, in the style of a painting"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    torch.manual_seed(0)
+    models = [CLIPTextModel(CLIPConfig.tiny()), UNet(UNetConfig.tiny()), VAE(VAEConfig.tiny())]
+    with torch.no_grad():  # larger weights than the default init, so attention is far from uniform
+        for p in models[1].parameters():
+            p.mul_(3.0)
+    for m in models:
+        m.eval().requires_grad_(False)
+    return StableDiffusion(Tokenizer(), *models, torch.device("cpu"), torch.float32, {"file": "tiny", "sha256": "tiny"})
+
+
+def picture(seed, size=96):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size, size + 16, 3), dtype=np.uint8)
+    arr[24:72, 30:80] = rng.integers(0, 60, 3, dtype=np.uint8)  # a dark "subject" in the middle
+    return Image.fromarray(arr)
+
+
+def run(sd, tmp_path, **kw):
+    kw.setdefault("cache_dir", tmp_path / "cache")
+    return drp.generate(sd, PROMPT, steps=STEPS, height=SIZE, width=SIZE, seed=3, progress=False, **kw)
+
+
+def test_no_reference_equals_plain_text_to_image_bit_for_bit(sd, tmp_path):
+    plain = run(sd, tmp_path)
+    assert "drp" not in plain.info
+    black = Image.new("L", (10, 10), 0)
+    with pytest.warns(UserWarning, match="all black"):
+        empty = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat", content_mask=black,
+                    style_mask=black)
+    assert torch.equal(plain.latents, empty.latents)
+
+
+def test_each_mode_runs_and_differs_from_plain(sd, tmp_path):
+    plain = run(sd, tmp_path).latents
+    for kw in (dict(content=picture(1), subject="cat"), dict(style=picture(2)),
+               dict(content=picture(1), style=picture(2), subject="cat")):
+        result = run(sd, tmp_path, **kw)
+        assert not torch.equal(result.latents, plain)
+        report = result.info["drp"]
+        assert 1 <= report["switch_step"] <= STEPS - 1
+        for kind in ("content", "style"):
+            if kind in kw:
+                mask = result.masks[kind]
+                assert mask.shape == (SIZE, SIZE) and set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_switch_step_follows_the_entropies_and_the_overrides(sd, tmp_path):
+    both = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat").info["drp"]
+    rho = both["H_cu"] / both["H_st"]
+    assert both["rho"] == pytest.approx(rho)
+    assert both["alpha"] == pytest.approx(0.2 + 0.6 * rho**6 / (1 + rho**6))
+    assert run(sd, tmp_path, content=picture(1), subject="cat").info["drp"]["alpha"] == 0.5
+    assert run(sd, tmp_path, style=picture(2)).info["drp"]["alpha"] == 0.3
+    assert run(sd, tmp_path, style=picture(2), switch_step=4).info["drp"]["switch_step"] == 4
+    with pytest.raises(DrpError, match="switch_step"):
+        run(sd, tmp_path, style=picture(2), switch_step=STEPS + 1)
+
+
+def test_replay_feeds_the_stored_inversion_latents_exactly(sd, tmp_path, monkeypatch):
+    seen, unet = [], sd.unet
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, context, hook=None):
+            seen.append((t, x[2:].clone()))
+            return unet(x, t, context, hook)
+
+    caption = "a photo of a cat"
+    trajectory = drp.invert(sd, drp.images.fit(picture(1), SIZE, SIZE), caption, STEPS, SIZE, SIZE, progress=False)
+    monkeypatch.setattr(sd, "unet", Spy())
+    run(sd, tmp_path, content=picture(1), subject="cat", use_cache=False)
+    sampling = seen[-STEPS:]
+    assert [t for t, _ in sampling] == trajectory.timesteps
+    for i, (_, rows) in enumerate(sampling):
+        assert torch.equal(rows, trajectory.latents[i])
+
+
+def test_a_cached_rerun_skips_inversion_and_gives_the_same_image(sd, tmp_path):
+    first = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat")
+    second = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat")
+    assert first.info["drp"]["cached"] == {"content": False, "style": False}
+    assert second.info["drp"]["cached"] == {"content": True, "style": True}
+    assert torch.equal(first.latents, second.latents)
+
+
+def fake_method(sd, kinds, masks, late_mask=None, use_masks=True):
+    """A DualReference over random reference rows with given (H, W) masks, for hook-level tests."""
+    refs = {k: dr.Reference(k, None, torch.zeros(1, 77, 128), masks[k], 5.0, "test", False) for k in kinds}
+    method = dr.DualReference(refs, dr.Options(use_masks=use_masks), 1, [[2]], 1, {})
+    return method
+
+
+def qkv(rows, n, seed, heads=2, d=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, heads, n, d, generator=g) for _ in range(3)]
+
+
+HW = (4, 4)
+FG = torch.zeros(8, 8)
+FG[:4, :4] = 1  # foreground: the top-left quarter (at 4×4 tokens: rows 0–1, columns 0–1)
+
+
+def test_gathered_attention_equals_minus_infinity_masked_attention(sd):
+    method = fake_method(sd, ("content", "style"), {"content": FG, "style": 1 - FG})
+    q, k, v = qkv(2, 16, 0)
+    kr, vr, qr = qkv(2, 16, 1)
+    hook = dr.StepHook(method, 0, late=False)
+    got = hook.inject(q, k, v, kr, vr, qr, HW)
+    fg_cu = dr.masks.resize_mask(FG, HW).flatten() > 0.5
+    fg_st = ~fg_cu
+    keys = torch.cat([k, kr[:1].expand(2, -1, -1, -1), kr[1:].expand(2, -1, -1, -1)], dim=2)
+    values = torch.cat([v, vr[:1].expand(2, -1, -1, -1), vr[1:].expand(2, -1, -1, -1)], dim=2)
+    bias = torch.cat([torch.zeros(16), torch.where(fg_cu, math.log(2), -math.inf), torch.where(fg_st, 0.0, -math.inf)])
+    expected = attend(q, keys, values, bias)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_excluded_reference_tokens_never_reach_a_generated_query(sd, late):
+    method = fake_method(sd, ("content", "style"), {"content": FG, "style": FG})
+    q, k, v = qkv(2, 16, 0)
+    kr, vr, qr = qkv(2, 16, 1)
+    hook = dr.StepHook(method, 10, late=late)
+    hook.cross, hook.cross_n = torch.rand(1, 2, 2), 1  # a generated subject mask is known
+    before = hook.inject(q, k, v, kr, vr, qr, HW)
+    fg = dr.masks.resize_mask(FG, HW).flatten() > 0.5
+    # early: no background token of either reference; late: no content background, no style foreground
+    cu_excluded = ~fg
+    st_excluded = ~fg if not late else fg
+    kr2, vr2, qr2 = kr.clone(), vr.clone(), qr.clone()
+    for row, excluded in ((0, cu_excluded), (1, st_excluded)):
+        for t in (kr2, vr2, qr2):
+            t[row, :, excluded] = torch.randn_like(t[row, :, excluded]) * 10
+    after = hook.inject(q, k, v, kr2, vr2, qr2, HW)
+    assert torch.equal(before, after)
+    # and the included tokens do matter
+    kr2[1, :, ~st_excluded] += 5
+    assert not torch.equal(before, hook.inject(q, k, v, kr2, vr2, qr2, HW))
+
+
+def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, tmp_path, monkeypatch):
+    state = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    attrs = {name: set(vars(m)) for name, m in sd.unet.named_modules()}
+    changed = set()
+    real_hook = dr.DualReference.hook
+
+    def spying_hook(self, i, late):
+        inner = real_hook(self, i, late)
+
+        def hook(attn, q, k, v, call):
+            out = inner(attn, q, k, v, call)
+            if not torch.equal(out, attend(q, k, v)):
+                changed.add(call.name)
+            return out
+        return hook
+
+    monkeypatch.setattr(dr.DualReference, "hook", spying_hook)
+    run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat", layers="up_blocks.3")
+    assert changed and all(n.startswith("up_blocks.3.") and n.endswith("attn1") for n in changed)
+    assert all(torch.equal(v, state[k]) for k, v in sd.unet.state_dict().items())
+    assert {name: set(vars(m)) for name, m in sd.unet.named_modules()} == attrs
+
+
+def test_reference_masks_do_not_depend_on_the_batch(sd, tmp_path):
+    kw = dict(content=picture(1), style=picture(2), subject="cat")
+    one = run(sd, tmp_path, **kw)
+    many = drp.generate(sd, ["a dog and a cat", PROMPT], steps=STEPS, height=SIZE, width=SIZE, progress=False,
+                        cache_dir=tmp_path / "cache2", **kw)
+    for kind in ("content", "style"):
+        assert torch.equal(one.masks[kind], many.masks[kind])
+
+
+def test_a_subject_missing_from_the_prompt_is_an_error_naming_its_words(sd, tmp_path):
+    with pytest.raises(DrpError, match="'beach,'"):
+        run(sd, tmp_path, content=picture(1), subject="dog")
+
+
+def test_user_masks_override_the_automatic_ones(sd, tmp_path):
+    mask = Image.new("L", (7, 5), 0)
+    mask.paste(255, (0, 0, 4, 5))
+    result = run(sd, tmp_path, content=picture(1), subject="cat", content_mask=mask)
+    assert result.info["drp"]["mask_rule"]["content"] == "user mask"
+    assert 0.3 < result.masks["content"].mean() < 0.8
