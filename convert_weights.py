@@ -6,6 +6,10 @@
 
 The folder then holds unet.safetensors, vae.safetensors, text_encoder.safetensors and model.json,
 which `drp.load()` reads. See drp/convert.py for what is checked along the way.
+
+`--download` saves the checkpoint as DIR/<file name of the URL>, i.e. weights/v1-5-pruned-emaonly.safetensors
+(SRC, if given, names another place), and keeps it after converting; an existing complete file is not
+downloaded again, an interrupted one is resumed.
 """
 
 import argparse

@@ -3,7 +3,8 @@
 Two layouts are read:
   * the original single file (`v1-5-pruned-emaonly.safetensors` / `.ckpt`): the `state_dict` of
     CompVis `LatentDiffusion`, UNet under `model.diffusion_model.`, VAE under `first_stage_model.`,
-    CLIP under `cond_stage_model.transformer.`; renamed by the declarative maps of drp/keymaps.py;
+    CLIP under `cond_stage_model.transformer.`; renamed by the declarative maps of drp/keymaps.py
+    (https://github.com/CompVis/stable-diffusion/blob/main/ldm/models/diffusion/ddpm.py);
   * the diffusers folder (`unet/`, `vae/`, `text_encoder/`): already our names.
 
 Before a byte is written the conversion is *planned* on shapes alone and proven a bijection: every
@@ -20,8 +21,8 @@ import hashlib
 import json
 import os
 import struct
-from functools import lru_cache
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -45,7 +46,7 @@ FOLDER_FILES = {
     "text_encoder": ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"],
 }
 FOLDER_FILES["vae"] = FOLDER_FILES["unet"]
-SD1_ONLY = "drp implements SD 1.x only; convert an SD 1.4/1.5 checkpoint instead"
+SD1_ONLY = "drp implements SD 1.x only, so convert an SD 1.4/1.5 checkpoint instead"
 
 
 class Move(NamedTuple):
@@ -160,51 +161,7 @@ def refuse_unet_variants(in_channels, context_dim, linear_proj, name):
         raise DrpError(f"{name} is {kind} UNet ({in_channels} input channels instead of 4); {SD1_ONLY}.")
 
 
-# ---- configs -----------------------------------------------------------------------------------
-
-def infer_configs(shapes, name):
-    """UNet, VAE and CLIP configs of a single file from its tensor shapes, plus SD 1.x's rules."""
-    u = {k[len(keymaps.UNET):]: s for k, s in shapes.items() if k.startswith(keymaps.UNET)}
-    v = {k[len(keymaps.VAE):]: s for k, s in shapes.items() if k.startswith(keymaps.VAE)}
-    text = keymaps.CLIP + "text_model."
-    c = {k[len(text):]: s for k, s in shapes.items() if k.startswith(text)}
-    try:
-        blocks = {int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")}
-        downs = sorted(b for b in blocks if f"input_blocks.{b}.0.op.weight" in u)
-        n = downs[0] - 1 if downs else len(blocks) - 1  # a level is n resnets + 1 downsampler
-        firsts = [i * (n + 1) + 1 for i in range(len(blocks) // (n + 1))]  # each level's first resnet
-        unet = UNetConfig(
-            in_channels=u["input_blocks.0.0.weight"][1],
-            out_channels=u["out.2.weight"][0],
-            channels=tuple(u[f"input_blocks.{b}.0.in_layers.2.weight"][0] for b in firsts),
-            layers_per_block=n,
-            heads=8,  # SD 1.x: 8 heads at every level; shapes cannot tell
-            context_dim=u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
-            groups=32,  # GroupNorm groups cannot be read from shapes either; SD uses 32 everywhere
-            attn_levels=tuple(f"input_blocks.{b}.1.proj_in.weight" in u for b in firsts),
-        )
-        levels = len({k.split(".")[2] for k in v if k.startswith("encoder.down.")})
-        vae = VAEConfig(
-            in_channels=v["encoder.conv_in.weight"][1],
-            latent_channels=v["post_quant_conv.weight"][0],
-            channels=tuple(v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
-            layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
-            groups=32,
-        )
-        vocab, dim = c["embeddings.token_embedding.weight"]
-        clip = CLIPConfig(
-            vocab_size=vocab,
-            max_len=c["embeddings.position_embedding.weight"][0],
-            dim=dim,
-            layers=len({k.split(".")[2] for k in c if k.startswith("encoder.layers.")}),
-            heads=dim // 64,  # CLIP's heads are 64 wide (ViT-L/14: 768 / 64 = 12)
-            mlp_dim=c["encoder.layers.0.mlp.fc1.weight"][0],
-        )
-    except (KeyError, ValueError, ZeroDivisionError) as e:
-        raise DrpError(f"{name} is not a complete SD 1.x checkpoint (cannot read its structure: {e} is "
-                       "missing); convert an SD 1.4/1.5 checkpoint.") from None
-    return {"unet": unet, "vae": vae, "text_encoder": clip}
-
+# ---- configs of a folder -------------------------------------------------------------------------
 
 def folder_configs(folder):
     """UNet, VAE and CLIP configs of a diffusers folder from its config.json files."""
@@ -289,7 +246,7 @@ def connect(shapes, rules, configs, name):
     missing = [f"{c}:{k}" for c in rules for k in targets[c] if k not in moves[c]]
     if missing or unexpected or mismatched:
         def first(items):
-            return f"{items[0]} (+{len(items) - 1} more)" if items else "none"
+            return "none" if not items else items[0] + (f" and {len(items) - 1} more" if len(items) > 1 else "")
 
         raise DrpError(f"{name} does not fit SD 1.x's models: missing {first(missing)}, unexpected "
                        f"{first(unexpected)}, wrong shape {first(mismatched)}; convert an SD 1.4/1.5 checkpoint.")
@@ -299,7 +256,7 @@ def connect(shapes, rules, configs, name):
 def plan_single_file(shapes, name="checkpoint"):
     """The proven conversion of an original single-file checkpoint, from its key/shape table."""
     refuse_other_kinds(shapes, name)
-    configs = infer_configs(shapes, name)
+    configs = keymaps.infer_configs(shapes, name)
     rules = {"unet": keymaps.unet_rules(configs["unet"]), "vae": keymaps.vae_rules(configs["vae"]),
              "text_encoder": keymaps.clip_rules(configs["text_encoder"])}
     moves, ignored = connect(shapes, rules, configs, name)

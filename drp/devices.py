@@ -7,7 +7,7 @@ that cannot do what was asked is told so in one sentence before gigabytes of wei
 "auto" picks what is fast and safe on the machine at hand:
 - device: CUDA if present, else Apple's MPS, else the CPU;
 - dtype: fp16 on CUDA (what SD 1.5 was released in); bf16 on a CPU with native bf16 arithmetic
-  (AVX512-BF16 or AMX), where it is about twice as fast as fp32; fp32 everywhere else. fp16 on a CPU is
+  (AVX512-BF16 or AMX), where it runs faster than fp32; fp32 everywhere else. fp16 on a CPU is
   refused: PyTorch's CPU kernels for it are slow and some are missing.
 """
 
@@ -31,7 +31,7 @@ def _available(kind):
 
 
 def resolve_device(name="auto"):
-    """"auto" | "cpu" | "cuda" | "cuda:N" | "mps" | None (= auto) | a torch.device -> an available torch.device."""
+    """The torch.device for `name`: auto (or None), cpu, cuda, cuda:N, mps, or a torch.device; DrpError if absent."""
     if isinstance(name, torch.device):
         name = str(name)
     name = "auto" if name is None else str(name).lower()
@@ -41,7 +41,7 @@ def resolve_device(name="auto"):
     if kind not in DEVICES:
         raise DrpError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
     if not _available(kind):
-        what = "a CUDA device" if kind == "cuda" else "an Apple MPS device"
+        what = "CUDA device" if kind == "cuda" else "Apple MPS device"
         raise DrpError(f"{kind} was asked for but this machine has no {what}; use --device cpu.")
     try:
         device = torch.device(name)
@@ -53,21 +53,26 @@ def resolve_device(name="auto"):
     return device
 
 
-def cpu_has_fast_bf16():
-    """True when the CPU does bf16 arithmetic natively (AVX512-BF16 or AMX) and PyTorch uses AVX512 kernels."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return False
+def cpu_flags():
+    """The CPU's feature flags (Linux: the `flags` line of /proc/cpuinfo); empty where they cannot be read."""
     if not sys.platform.startswith("linux"):
-        return False  # no portable way to read the CPU flags elsewhere; fp32 is the safe choice
+        return set()  # no portable way to read them elsewhere; fp32 is then the safe choice
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_fast_bf16():
+    """True when the CPU does bf16 arithmetic natively (AVX512-BF16 or AMX) and PyTorch uses its AVX512 kernels."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # PyTorch would not use the bf16 instructions
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(name, device):
-    """"auto" | "fp32" | "fp16" | "bf16" | None (= auto) | a torch.dtype -> the torch.dtype to run in on `device`."""
+    """The torch.dtype for `name` on `device`: auto (or None), fp32, fp16, bf16, or a torch.dtype."""
     device = torch.device(device)
     if isinstance(name, torch.dtype):
         name = next((k for k, v in DTYPES.items() if v == name), str(name))

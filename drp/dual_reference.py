@@ -100,10 +100,11 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
 
     img = load_image(image, f"{kind} reference")
     fitted = fit(img, width, height)
-    weights_id = (sd.source or {}).get("sha256", "unknown")
+    weights_id = (sd.source or {}).get("sha256")
+    use_cache = opts.use_cache and weights_id is not None  # weights of unknown origin: never share entries
     key = cache.cache_key(fitted, caption, steps, width, height, weights_id)
     folder = opts.cache_dir or cache.default_cache_dir()
-    stored = cache.load(folder, key) if opts.use_cache else None
+    stored = cache.load(folder, key) if use_cache else None
     cached = stored is not None
     if stored is None:
         recorder = Recorder(opts, tokens)
@@ -116,8 +117,11 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
             stored["grid"] = torch.tensor(recorder.grid)
         if recorder.cross_n:
             stored["cross"] = recorder.cross / recorder.cross_n
-        if opts.use_cache:
-            cache.save(folder, key, stored, {"kind": kind, "caption": caption})
+        if use_cache:
+            try:
+                cache.save(folder, key, stored, {"kind": kind, "caption": caption})
+            except DrpError as e:  # a cache that cannot be written must not throw the inversion away
+                warnings.warn(f"the {kind} reference was not cached: {e}", stacklevel=4)
 
     if user_mask is not None:
         mask, rule = load_mask(user_mask, width, height, f"{kind} mask"), "user mask"
@@ -245,7 +249,7 @@ class StepHook:
                     ks.append(part(kind, "fg", k_ref))
                     vs.append(part(kind, "fg", v_ref))
                     bias.append(torch.full((ks[-1].shape[2],), b))
-            bias = torch.cat(bias).to(q.device, q.dtype)
+            bias = torch.cat(bias).to(q.device, q.dtype)[None]  # (1, M): the same for every query
             return attend(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), bias if bias.any() else None)
 
         if has_st:  # late stage: the style's background is the texture source
@@ -284,6 +288,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                       stacklevel=3)
     if content is None and style is None:
         return None
+    if switch_step is not None and not (isinstance(switch_step, int) and 0 <= switch_step <= steps):
+        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), got {switch_step!r}.")
 
     subject_tokens = [None] * len(prompts)
     if subject:
@@ -323,12 +329,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     h_cu = refs["content"].entropy if "content" in refs else None
     h_st = refs["style"].entropy if "style" in refs else None
     alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
-    if switch_step is None:
-        n_e = entropy.switch_step(alpha, steps)
-    elif isinstance(switch_step, int) and 0 <= switch_step <= steps:
-        n_e = switch_step
-    else:
-        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), got {switch_step!r}.")
+    n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
     report = dict(H_cu=h_cu, H_st=h_st, rho=(h_cu / h_st if h_cu is not None and h_st else None), alpha=alpha,
                   switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
                   mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},

@@ -6,6 +6,7 @@ needs a real map. Each map is a plain dict `{source prefix: (our prefix, transfo
 by loops where the original code numbers its blocks by index arithmetic, and applied by
 `rename`: the longest prefix that ends at a `.` boundary wins, and everything after it is kept.
 There is no substring replacement anywhere, so `out.0` can never match inside `to_out.0`.
+The maps are generated from the model configs, which `infer_configs` reads off a file's shapes.
 
 Where the single file's numbering comes from:
   UNet  ldm/modules/diffusionmodules/openaimodel.py (`UNetModel.input_blocks`, `output_blocks`)
@@ -13,6 +14,11 @@ Where the single file's numbering comes from:
   CLIP  ldm/modules/encoders/modules.py (`FrozenCLIPEmbedder.transformer`, a transformers model)
   https://github.com/CompVis/stable-diffusion/tree/main/ldm
 """
+
+from .clip import CLIPConfig
+from .errors import DrpError
+from .unet import UNetConfig
+from .vae import VAEConfig
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -168,3 +174,47 @@ def folder_rules(component, our_keys):
         for name in ("embeddings", "encoder", "final_layer_norm"):
             rules[name] = (f"text_model.{name}", None)
     return rules
+
+
+def infer_configs(shapes, name):
+    """UNet, VAE and CLIP configs of a single file from its tensor shapes, plus SD 1.x's rules."""
+    u = {k[len(UNET):]: s for k, s in shapes.items() if k.startswith(UNET)}
+    v = {k[len(VAE):]: s for k, s in shapes.items() if k.startswith(VAE)}
+    text = CLIP + "text_model."
+    c = {k[len(text):]: s for k, s in shapes.items() if k.startswith(text)}
+    try:
+        blocks = {int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")}
+        downs = sorted(b for b in blocks if f"input_blocks.{b}.0.op.weight" in u)
+        n = downs[0] - 1 if downs else len(blocks) - 1  # a level is n resnets + 1 downsampler
+        firsts = [i * (n + 1) + 1 for i in range(len(blocks) // (n + 1))]  # each level's first resnet
+        unet = UNetConfig(
+            in_channels=u["input_blocks.0.0.weight"][1],
+            out_channels=u["out.2.weight"][0],
+            channels=tuple(u[f"input_blocks.{b}.0.in_layers.2.weight"][0] for b in firsts),
+            layers_per_block=n,
+            heads=8,  # SD 1.x: 8 heads at every level; shapes cannot tell
+            context_dim=u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1],
+            groups=32,  # GroupNorm groups cannot be read from shapes either; SD uses 32 everywhere
+            attn_levels=tuple(f"input_blocks.{b}.1.proj_in.weight" in u for b in firsts),
+        )
+        levels = len({k.split(".")[2] for k in v if k.startswith("encoder.down.")})
+        vae = VAEConfig(
+            in_channels=v["encoder.conv_in.weight"][1],
+            latent_channels=v["post_quant_conv.weight"][0],
+            channels=tuple(v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
+            layers_per_block=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
+            groups=32,
+        )
+        vocab, dim = c["embeddings.token_embedding.weight"]
+        clip = CLIPConfig(
+            vocab_size=vocab,
+            max_len=c["embeddings.position_embedding.weight"][0],
+            dim=dim,
+            layers=len({k.split(".")[2] for k in c if k.startswith("encoder.layers.")}),
+            heads=dim // 64,  # CLIP's heads are 64 wide (ViT-L/14: 768 / 64 = 12)
+            mlp_dim=c["encoder.layers.0.mlp.fc1.weight"][0],
+        )
+    except (KeyError, ValueError, ZeroDivisionError) as e:
+        raise DrpError(f"{name} is not a complete SD 1.x checkpoint (cannot read its structure: {e} is "
+                       "missing); convert an SD 1.4/1.5 checkpoint.") from None
+    return {"unet": unet, "vae": vae, "text_encoder": clip}

@@ -25,12 +25,13 @@ DEGENERATE_MAX = 0.90  # one cluster holding > 90 % of the tokens: the clusterin
 DEGENERATE_MIN = 0.02  # a cluster under 2 % of the tokens: k-means split noise, its segments are not trusted
 
 
-def kmeans(x, k=5, seed=0, iters=50):
+def kmeans(x, k=5, seed=0, iters=50, init=None):
     """Lloyd's k-means on the rows of x (N, D) -> labels (N,) long, numbered by first appearance.
 
     k-means++ seeding (https://dl.acm.org/doi/10.5555/1283383.1283494) from a private generator, in
     float64 on the CPU: the labels depend only on (x, k, seed), not on the global RNG, the device or
-    the thread count. An empty cluster is moved to the point farthest from its centre.
+    the thread count. `init` (k, D) gives the starting centres instead. An empty cluster is moved to
+    the point farthest from its centre.
     """
     x = x.detach().to("cpu", torch.float64).flatten(1)
     n = x.shape[0]
@@ -41,12 +42,15 @@ def kmeans(x, k=5, seed=0, iters=50):
         d = (x * x).sum(1, keepdim=True) - 2 * x @ centres.T + (centres * centres).sum(1)[None]
         return d.clamp(min=0)
 
-    # k-means++: the first centre uniformly, each next one with probability ∝ squared distance to the nearest.
-    centres = x[torch.randint(n, (1,), generator=g)]
-    for _ in range(1, k):
-        d2 = sq_dist(centres).min(1).values
-        i = torch.multinomial(d2, 1, generator=g) if d2.sum() > 0 else torch.zeros(1, dtype=torch.long)
-        centres = torch.cat([centres, x[i]])  # all points already covered: a duplicate (it stays empty)
+    if init is not None:
+        centres = init.detach().to("cpu", torch.float64).flatten(1)
+    else:  # k-means++: the first centre uniformly, each next one with probability ∝ squared distance to the nearest
+        centres = x[torch.randint(n, (1,), generator=g)]
+        for _ in range(1, k):
+            d2 = sq_dist(centres).min(1).values
+            i = torch.multinomial(d2, 1, generator=g) if d2.sum() > 0 else torch.zeros(1, dtype=torch.long)
+            centres = torch.cat([centres, x[i]])  # all points already covered: a duplicate (it stays empty)
+    k = centres.shape[0]
 
     labels = None
     for _ in range(iters):
@@ -93,6 +97,9 @@ def foreground_mask(cross, self_attn, grid, k=5, seed=0, ratio=1.4, threshold=0.
     cross: C, the subject's cross-attention map at any grid (h', w'), or None with no subject word.
     self_attn: S (N, N), N = h·w. The rule that decided is returned as "kmeans", "cross-threshold"
     (degenerate clustering), "border" (no subject) or "all-foreground" (degenerate and no subject).
+    A flat C (all values equal) counts as no subject. k = 5, ratio = 1.4 and threshold = 0.3 are the
+    defaults of ALGORITHM.md §2: a handful of segments (subject, ground, sky, …), kept when they score
+    clearly above the rest.
     """
     h, w = grid
     n = h * w

@@ -12,8 +12,9 @@ converts each tensor to the compute dtype on the target device, and hands the te
 with `load_state_dict(strict=True, assign=True)`. So the weights exist once in memory, and a
 missing or extra tensor is an error rather than a silently random layer.
 
-Follows the loading code of ml-explore/mlx-examples stable_diffusion/model_io.py, without its key map
-(our names are those of the files).
+Plays the part of ml-explore/mlx-examples stable_diffusion/model_io.py
+(https://github.com/ml-explore/mlx-examples/blob/main/stable_diffusion/stable_diffusion/model_io.py),
+without its key map: our names are those of the files.
 """
 
 import json

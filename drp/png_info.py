@@ -23,11 +23,10 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import DrpError
+
 # DRP-Diff's report keys (`result.info["drp"]`) shown in the parameters line, in this order.
 DRP_FIELDS = (
-    ("content", "DRP content"),
-    ("style", "DRP style"),
-    ("subject", "DRP subject"),
     ("H_cu", "DRP H_cu"),
     ("H_st", "DRP H_st"),
     ("rho", "DRP rho"),
@@ -39,8 +38,8 @@ DRP_FIELDS = (
 def _value(v):
     """A setting as the web UI writes it: numbers plainly (7.5, 7), text JSON-quoted when it would break the line."""
     if isinstance(v, float):
-        v = round(v, 4)
-        v = int(v) if v.is_integer() and abs(v) < 1e15 else v
+        v = round(v, 4)  # 4 decimals: enough to tell settings apart, short enough to read
+        v = int(v) if v.is_integer() else v
     text = str(v)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
@@ -55,20 +54,18 @@ def _model_name(model):
 
 def parameters_text(info, index=0):
     """`Result.info` -> the web UI's `parameters` text for image `index` of the batch."""
-    prompts = info["prompt"] if isinstance(info["prompt"], (list, tuple)) else [info["prompt"]]
-    seeds = info.get("seeds") or [info["seed"] + k for k in range(len(prompts))]
-    lines = [prompts[index]]
+    lines = [info["prompt"][index]]
     if info.get("negative_prompt"):
         lines.append(f"Negative prompt: {info['negative_prompt']}")
     fields = {
         "Steps": info["steps"],
-        "Sampler": info.get("sampler", "DDIM"),
+        "Sampler": info["sampler"],
         "CFG scale": info["guidance"],
-        "Seed": seeds[index],
+        "Seed": info["seeds"][index],
         "Size": f"{info['width']}x{info['height']}",
-        "Model": _model_name(info.get("model", "unknown")),
+        "Model": _model_name(info["model"]),
     }
-    if info.get("eta", 0) > 0:
+    if info["eta"] > 0:
         fields["Eta"] = info["eta"]
     drp = info.get("drp") or {}
     fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None})
@@ -85,6 +82,9 @@ def save_png(img, path, text):
     try:
         img.save(tmp, format="PNG", pnginfo=meta)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DrpError(f"cannot write {path} ({e}); choose another folder.") from None
+    except BaseException:  # Ctrl-C while writing: no half-written file stays behind
         tmp.unlink(missing_ok=True)
         raise

@@ -172,7 +172,11 @@ def write_diffusers_folder(folder, models, vae_spelling="current", text_prefix=T
                 sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
             if variant == "fp16":
                 sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-            save_file(sd, str(path))
+            if component == "text_encoder" and not safe_serialization:  # transformers 5 writes only safetensors
+                path.unlink()
+                torch.save(sd, path.with_name(path.name.replace("model", "pytorch_model").replace(".safetensors", ".bin")))
+            else:
+                save_file(sd, str(path))
     return folder
 
 

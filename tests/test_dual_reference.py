@@ -40,26 +40,32 @@ def picture(seed, size=96):
     return Image.fromarray(arr)
 
 
-def run(sd, tmp_path, **kw):
-    kw.setdefault("cache_dir", tmp_path / "cache")
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One trajectory cache for the module: each reference is inverted once, not once per test."""
+    return tmp_path_factory.mktemp("trajectories")
+
+
+def run(sd, cache_dir, **kw):
+    kw.setdefault("cache_dir", cache_dir)
     return drp.generate(sd, PROMPT, steps=STEPS, height=SIZE, width=SIZE, seed=3, progress=False, **kw)
 
 
-def test_no_reference_equals_plain_text_to_image_bit_for_bit(sd, tmp_path):
-    plain = run(sd, tmp_path)
+def test_no_reference_equals_plain_text_to_image_bit_for_bit(sd, shared_cache):
+    plain = run(sd, shared_cache)
     assert "drp" not in plain.info
     black = Image.new("L", (10, 10), 0)
     with pytest.warns(UserWarning, match="all black"):
-        empty = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat", content_mask=black,
+        empty = run(sd, shared_cache, content=picture(1), style=picture(2), subject="cat", content_mask=black,
                     style_mask=black)
     assert torch.equal(plain.latents, empty.latents)
 
 
-def test_each_mode_runs_and_differs_from_plain(sd, tmp_path):
-    plain = run(sd, tmp_path).latents
+def test_each_mode_runs_and_differs_from_plain(sd, shared_cache):
+    plain = run(sd, shared_cache).latents
     for kw in (dict(content=picture(1), subject="cat"), dict(style=picture(2)),
                dict(content=picture(1), style=picture(2), subject="cat")):
-        result = run(sd, tmp_path, **kw)
+        result = run(sd, shared_cache, **kw)
         assert not torch.equal(result.latents, plain)
         report = result.info["drp"]
         assert 1 <= report["switch_step"] <= STEPS - 1
@@ -69,19 +75,19 @@ def test_each_mode_runs_and_differs_from_plain(sd, tmp_path):
                 assert mask.shape == (SIZE, SIZE) and set(mask.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_switch_step_follows_the_entropies_and_the_overrides(sd, tmp_path):
-    both = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat").info["drp"]
+def test_switch_step_follows_the_entropies_and_the_overrides(sd, shared_cache):
+    both = run(sd, shared_cache, content=picture(1), style=picture(2), subject="cat").info["drp"]
     rho = both["H_cu"] / both["H_st"]
     assert both["rho"] == pytest.approx(rho)
     assert both["alpha"] == pytest.approx(0.2 + 0.6 * rho**6 / (1 + rho**6))
-    assert run(sd, tmp_path, content=picture(1), subject="cat").info["drp"]["alpha"] == 0.5
-    assert run(sd, tmp_path, style=picture(2)).info["drp"]["alpha"] == 0.3
-    assert run(sd, tmp_path, style=picture(2), switch_step=4).info["drp"]["switch_step"] == 4
+    assert run(sd, shared_cache, content=picture(1), subject="cat").info["drp"]["alpha"] == 0.5
+    assert run(sd, shared_cache, style=picture(2)).info["drp"]["alpha"] == 0.3
+    assert run(sd, shared_cache, style=picture(2), switch_step=4).info["drp"]["switch_step"] == 4
     with pytest.raises(DrpError, match="switch_step"):
-        run(sd, tmp_path, style=picture(2), switch_step=STEPS + 1)
+        run(sd, shared_cache, style=picture(2), switch_step=STEPS + 1)
 
 
-def test_replay_feeds_the_stored_inversion_latents_exactly(sd, tmp_path, monkeypatch):
+def test_replay_feeds_the_stored_inversion_latents_exactly(sd, shared_cache, monkeypatch):
     seen, unet = [], sd.unet
 
     class Spy(torch.nn.Module):
@@ -92,7 +98,7 @@ def test_replay_feeds_the_stored_inversion_latents_exactly(sd, tmp_path, monkeyp
     caption = "a photo of a cat"
     trajectory = drp.invert(sd, drp.images.fit(picture(1), SIZE, SIZE), caption, STEPS, SIZE, SIZE, progress=False)
     monkeypatch.setattr(sd, "unet", Spy())
-    run(sd, tmp_path, content=picture(1), subject="cat", use_cache=False)
+    run(sd, shared_cache, content=picture(1), subject="cat", use_cache=False)
     sampling = seen[-STEPS:]
     assert [t for t, _ in sampling] == trajectory.timesteps
     for i, (_, rows) in enumerate(sampling):
@@ -135,7 +141,7 @@ def test_gathered_attention_equals_minus_infinity_masked_attention(sd):
     keys = torch.cat([k, kr[:1].expand(2, -1, -1, -1), kr[1:].expand(2, -1, -1, -1)], dim=2)
     values = torch.cat([v, vr[:1].expand(2, -1, -1, -1), vr[1:].expand(2, -1, -1, -1)], dim=2)
     bias = torch.cat([torch.zeros(16), torch.where(fg_cu, math.log(2), -math.inf), torch.where(fg_st, 0.0, -math.inf)])
-    expected = attend(q, keys, values, bias)
+    expected = attend(q, keys, values, bias[None])
     assert torch.allclose(got, expected, atol=1e-6)
 
 
@@ -162,7 +168,7 @@ def test_excluded_reference_tokens_never_reach_a_generated_query(sd, late):
     assert not torch.equal(before, hook.inject(q, k, v, kr2, vr2, qr2, HW))
 
 
-def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, tmp_path, monkeypatch):
+def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, shared_cache, monkeypatch):
     state = {k: v.clone() for k, v in sd.unet.state_dict().items()}
     attrs = {name: set(vars(m)) for name, m in sd.unet.named_modules()}
     changed = set()
@@ -179,29 +185,29 @@ def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, tm
         return hook
 
     monkeypatch.setattr(dr.DualReference, "hook", spying_hook)
-    run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat", layers="up_blocks.3")
+    run(sd, shared_cache, content=picture(1), style=picture(2), subject="cat", layers="up_blocks.3")
     assert changed and all(n.startswith("up_blocks.3.") and n.endswith("attn1") for n in changed)
     assert all(torch.equal(v, state[k]) for k, v in sd.unet.state_dict().items())
     assert {name: set(vars(m)) for name, m in sd.unet.named_modules()} == attrs
 
 
-def test_reference_masks_do_not_depend_on_the_batch(sd, tmp_path):
+def test_reference_masks_do_not_depend_on_the_batch(sd, shared_cache):
     kw = dict(content=picture(1), style=picture(2), subject="cat")
-    one = run(sd, tmp_path, **kw)
+    one = run(sd, shared_cache, **kw)
     many = drp.generate(sd, ["a dog and a cat", PROMPT], steps=STEPS, height=SIZE, width=SIZE, progress=False,
-                        cache_dir=tmp_path / "cache2", **kw)
+                        cache_dir=shared_cache, **kw)
     for kind in ("content", "style"):
         assert torch.equal(one.masks[kind], many.masks[kind])
 
 
-def test_a_subject_missing_from_the_prompt_is_an_error_naming_its_words(sd, tmp_path):
+def test_a_subject_missing_from_the_prompt_is_an_error_naming_its_words(sd, shared_cache):
     with pytest.raises(DrpError, match="'beach,'"):
-        run(sd, tmp_path, content=picture(1), subject="dog")
+        run(sd, shared_cache, content=picture(1), subject="dog")
 
 
-def test_user_masks_override_the_automatic_ones(sd, tmp_path):
+def test_user_masks_override_the_automatic_ones(sd, shared_cache):
     mask = Image.new("L", (7, 5), 0)
     mask.paste(255, (0, 0, 4, 5))
-    result = run(sd, tmp_path, content=picture(1), subject="cat", content_mask=mask)
+    result = run(sd, shared_cache, content=picture(1), subject="cat", content_mask=mask)
     assert result.info["drp"]["mask_rule"]["content"] == "user mask"
     assert 0.3 < result.masks["content"].mean() < 0.8

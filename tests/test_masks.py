@@ -67,12 +67,10 @@ def test_kmeans_with_fewer_distinct_points_than_clusters_leaves_the_extra_cluste
     assert labels.tolist() == [0, 0, 1, 1, 1]
 
 
-def test_kmeans_refills_an_empty_cluster():
-    # Two far points of one blob would otherwise leave a cluster empty when seeded on a duplicate.
-    x = torch.tensor([[0.0], [0.0], [0.0], [1.0], [9.0], [10.0]])
-    labels = kmeans(x, k=3, seed=0)
-    assert len(set(labels.tolist())) == 3
-    assert labels[4] == labels[5] and labels[0] == labels[1] == labels[2]
+def test_kmeans_moves_an_empty_cluster_to_the_farthest_point():
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    start = torch.tensor([[0.0], [1.0], [100.0]])  # the third centre wins no point at first
+    assert kmeans(x, init=start).tolist() == [0, 0, 1, 2]
 
 
 def test_object_is_found_by_kmeans_and_cross_attention():

@@ -1,43 +1,37 @@
 """Tiny random Stable Diffusion models for tests: every real code path, at a size that runs in a blink.
 
-`tiny_sd()` builds the three models with their `tiny()` configs and the real tokenizer, straight in
-memory. `tiny_weights_dir(path)` goes the way a user goes: it writes a tiny checkpoint in the original
-single-file layout and converts it into a weights folder that `drp.load(path)` and `sample.py` read.
+`tiny_sd()` builds the three models at their `tiny()` configs (the seeded random weights of
+tests/checkpoints.py) with the real tokenizer, straight in memory. `tiny_weights_dir(path)` goes the
+way a user goes: it writes a tiny checkpoint in the original single-file layout and converts it into
+a weights folder that `drp.load(path)` and `sample.py` read; the same seed gives the same weights.
 `reference_tokenizer(folder)` is the tokenizer the diffusers/transformers reference pipelines use.
 """
 
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
-from drp.clip import CLIPConfig, CLIPTextModel
+from checkpoints import tiny_checkpoint, tiny_models
+from drp.convert import convert
 from drp.model_io import StableDiffusion
 from drp.tokenizer import CONTEXT_LENGTH, DEFAULT_VOCAB, NUM_MERGES, Tokenizer, bytes_to_unicode
-from drp.unet import UNet, UNetConfig
-from drp.vae import VAE, VAEConfig
 
 
 def tiny_sd(dtype=torch.float32, seed=0):
-    """A `StableDiffusion` of tiny random models on the CPU; the same seed gives the same weights."""
-    torch.manual_seed(seed)
-    unet = UNet(UNetConfig.tiny())
-    vae = VAE(VAEConfig.tiny())
-    text_encoder = CLIPTextModel(CLIPConfig.tiny())
-    models = [m.to(dtype).eval().requires_grad_(False) for m in (unet, vae, text_encoder)]
-    fingerprint = hashlib.sha256(f"tiny random weights, seed {seed}".encode()).hexdigest()  # a cache key
+    """A `StableDiffusion` of tiny random models on the CPU: the weights `tiny_weights_dir(…, seed)` holds."""
+    models = {name: m.to(dtype).requires_grad_(False) for name, m in tiny_models(seed).items()}
+    fingerprint = hashlib.sha256(f"tiny random weights, seed {seed}".encode()).hexdigest()  # for cache keys
     source = {"file": f"tiny-{seed}.safetensors", "layout": "single-file", "sha256": fingerprint,
               "dtype": str(dtype).removeprefix("torch.")}
-    return StableDiffusion(tokenizer=Tokenizer(), text_encoder=models[2], unet=models[0], vae=models[1],
-                           device=torch.device("cpu"), dtype=dtype, source=source)
+    return StableDiffusion(tokenizer=Tokenizer(), device=torch.device("cpu"), dtype=dtype, source=source, **models)
 
 
 def tiny_weights_dir(path, seed=0):
-    """A converted weights folder at `path` (created) from a tiny single-file checkpoint; returns `path`."""
-    from checkpoints import tiny_checkpoint  # tests/checkpoints.py
-    from drp.convert import convert
-
+    """A converted weights folder at `path` from a tiny single-file checkpoint (fp32); returns `path`."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     checkpoint = tiny_checkpoint(path.parent / f"{path.name}-source.safetensors", seed=seed)
     convert(checkpoint, path, dtype="fp32", progress=False)
