@@ -273,6 +273,12 @@ class StepHook:
         return fg * out_fore + (1 - fg) * out_back
 
 
+def reference_name(image):
+    """How a reference is named in reports: its file name, or "<image>" for an image given in memory."""
+    return getattr(image, "name", None) or (str(image).rsplit("/", 1)[-1] if isinstance(image, (str, bytes)) or
+                                            hasattr(image, "__fspath__") else "<image>")
+
+
 def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
             switch_step=None, steps=50, height=512, width=512, progress=True, timings=None, **options):
     """Everything DRP-Diff needs before sampling, or None when there is no reference (plain text-to-image)."""
@@ -330,7 +336,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     h_st = refs["style"].entropy if "style" in refs else None
     alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
     n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
-    report = dict(H_cu=h_cu, H_st=h_st, rho=(h_cu / h_st if h_cu is not None and h_st else None), alpha=alpha,
+    report = dict(subject=subject, content=reference_name(content) if "content" in refs else None,
+                  style=reference_name(style) if "style" in refs else None, H_cu=h_cu, H_st=h_st, rho=(h_cu / h_st if h_cu is not None and h_st else None), alpha=alpha,
                   switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
                   mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},
                   layers=list(opts.layers))

@@ -12,6 +12,7 @@ Follows CompVis/stable-diffusion scripts/txt2img.py and ldm/models/diffusion/ddi
 equal diffusers' StableDiffusionPipeline with a DDIMScheduler (tests/test_pipeline.py).
 """
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ def check_settings(steps, guidance, height, width, eta=0.0):
         raise DrpError(f"steps must be a whole number from 1 to {ddim.NUM_TRAIN_STEPS - 1}, got {steps!r}.")
     if not isinstance(guidance, (int, float)) or guidance != guidance or guidance < 0:
         raise DrpError(f"guidance must be a number ≥ 0 (7.5 is usual), got {guidance!r}.")
+    if not math.isfinite(guidance):
+        raise DrpError(f"guidance must be a finite number (7.5 is usual), got {guidance!r}.")
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v % 8 or not 64 <= v <= 2048:
             raise DrpError(f"{name} must be a multiple of 8 from 64 to 2048 pixels, got {v!r}.")
@@ -59,7 +62,7 @@ def check_settings(steps, guidance, height, width, eta=0.0):
 
 def encode_text(sd, prompts):
     """Prompts -> text context (B, 77, C); warns once per prompt that is longer than 77 tokens."""
-    for p in prompts:
+    for p in dict.fromkeys(prompts):  # each distinct prompt once
         dropped = sd.tokenizer.truncated_words(p)
         if dropped:
             warnings.warn(f"the prompt is longer than 77 tokens; everything from {dropped[0]!r} on is ignored.",
@@ -121,7 +124,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     """
     from .dual_reference import prepare  # the method; imported here to keep the plain path readable
 
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise DrpError("prompt must be a string or a list of strings.")
     if not isinstance(num_images, int) or num_images < 1:
@@ -148,7 +151,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
 
     start = time.perf_counter()
     alphas = ddim.alphas_cumprod().to(sd.device)
-    generator = torch.Generator().manual_seed(seed) if eta > 0 else None
+    # η > 0: each image draws its step noise from its own generator, so image k equals a run with seed + k
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if eta > 0 else []
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
         x_in, context, hook = torch.cat([x, x]), text, None
@@ -161,7 +165,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
             eps = sd.unet(x_in.to(sd.dtype), t, context, hook)[: 2 * batch].float()
         eps_uncond, eps_text = eps.chunk(2)
         eps = eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
-        x = ddim.ddim_step(x, eps, t, t_prev, alphas, eta=eta, generator=generator)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(x.device) if eta > 0 else None
+        x = ddim.ddim_step(x, eps, t, t_prev, alphas, eta=eta, noise=noise)
     timings["sampling"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -27,6 +27,9 @@ from .errors import DrpError
 
 # DRP-Diff's report keys (`result.info["drp"]`) shown in the parameters line, in this order.
 DRP_FIELDS = (
+    ("subject", "DRP subject"),
+    ("content", "DRP content"),
+    ("style", "DRP style"),
     ("H_cu", "DRP H_cu"),
     ("H_st", "DRP H_st"),
     ("rho", "DRP rho"),
