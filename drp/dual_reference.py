@@ -92,6 +92,7 @@ class Reference:
     entropy: float
     rule: str  # which rule made the mask
     cached: bool
+    seconds: float = 0.0  # time spent inverting (0 when read from the cache)
 
 
 def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress):
@@ -106,6 +107,7 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
     folder = opts.cache_dir or cache.default_cache_dir()
     stored = cache.load(folder, key) if use_cache else None
     cached = stored is not None
+    start = time.perf_counter()
     if stored is None:
         recorder = Recorder(opts, tokens)
         lo, hi = opts.record_t
@@ -122,6 +124,7 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
                 cache.save(folder, key, stored, {"kind": kind, "caption": caption})
             except DrpError as e:  # a cache that cannot be written must not throw the inversion away
                 warnings.warn(f"the {kind} reference was not cached: {e}", stacklevel=4)
+    seconds = time.perf_counter() - start if not cached else 0.0
 
     if user_mask is not None:
         mask, rule = load_mask(user_mask, width, height, f"{kind} mask"), "user mask"
@@ -135,7 +138,8 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
         fg, rule = masks.foreground_mask(cross, stored["self_attn"].float(), grid)
         mask = masks.upsample_mask(fg.float(), (height, width))
     context = encode_text(sd, [caption])
-    return Reference(kind, stored["latents"].to(sd.device), context, mask, entropy.image_entropy(img), rule, cached)
+    return Reference(kind, stored["latents"].to(sd.device), context, mask, entropy.image_entropy(img), rule, cached,
+                     seconds)
 
 
 class DualReference:
@@ -327,7 +331,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                           + (", so no style background is left for the late stage." if kind == "style" else "."),
                           stacklevel=3)
         refs[kind] = ref
-    if timings is not None:
+    if timings is not None:  # "references" includes "inversion", and the masks and entropies
+        timings["inversion"] = sum(r.seconds for r in refs.values())
         timings["references"] = time.perf_counter() - start
     if not refs:
         return None

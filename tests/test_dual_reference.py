@@ -110,6 +110,7 @@ def test_a_cached_rerun_skips_inversion_and_gives_the_same_image(sd, tmp_path):
     second = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat")
     assert first.info["drp"]["cached"] == {"content": False, "style": False}
     assert second.info["drp"]["cached"] == {"content": True, "style": True}
+    assert first.info["timings"]["inversion"] > 0 and second.info["timings"]["inversion"] == 0
     assert torch.equal(first.latents, second.latents)
 
 
@@ -211,3 +212,15 @@ def test_user_masks_override_the_automatic_ones(sd, shared_cache):
     result = run(sd, shared_cache, content=picture(1), subject="cat", content_mask=mask)
     assert result.info["drp"]["mask_rule"]["content"] == "user mask"
     assert 0.3 < result.masks["content"].mean() < 0.8
+
+
+def test_a_subject_without_a_content_reference_only_warns(sd, shared_cache):
+    with pytest.warns(UserWarning, match="without a content reference"):
+        result = run(sd, shared_cache, style=picture(2), subject="cat")
+    assert result.info["drp"]["alpha"] == 0.3
+
+
+def test_an_all_white_style_mask_warns_that_no_background_is_left(sd, shared_cache):
+    with pytest.warns(UserWarning, match="all white"):
+        result = run(sd, shared_cache, style=picture(2), style_mask=Image.new("L", (3, 3), 255))
+    assert result.info["drp"]["coverage"]["style"] == 1.0
