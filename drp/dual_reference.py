@@ -226,7 +226,7 @@ class StepHook:
         self.cross_n += 1
 
     def generated_foreground(self, hw, rows):
-        """M_gen at grid hw, (rows, 1, N, 1), or None while every query counts as foreground."""
+        """M_gen at grid hw as (rows, N) bool, or None while every query counts as foreground."""
         if not self.cross_n:
             return None
         if hw not in self._gen:
@@ -234,7 +234,7 @@ class StepHook:
             fine = torch.stack([masks.resize_mask(mk.float(), hw) for mk in maps])  # (B, h, w)
             self.m.generated_mask = maps[0].float()
             self._gen[hw] = fine
-        fine = self._gen[hw].flatten(1)[:, None, :, None]
+        fine = self._gen[hw].flatten(1) > 0.5  # (B, N); the unconditional and conditional rows share it
         return torch.cat([fine] * (rows // fine.shape[0]))
 
     def inject(self, q, k, v, k_ref, v_ref, q_ref, hw):
@@ -268,13 +268,25 @@ class StepHook:
             return attend(q, k_back, v_back)
         k_fore = torch.cat([k_back, part("content", "fg", k_ref)], dim=2)
         v_fore = torch.cat([v_back, part("content", "fg", v_ref)], dim=2)
-        out_fore = attend(q, k_fore, v_fore)
         fg = self.generated_foreground(hw, rows)
-        if fg is None:
-            return out_fore
-        out_back = attend(q, k_back, v_back)
-        fg = fg.to(q.dtype)
-        return fg * out_fore + (1 - fg) * out_back
+        if fg is None:  # every query counts as the subject
+            return attend(q, k_fore, v_fore)
+        return attend_split(q, fg, (k_fore, v_fore), (k_back, v_back))
+
+
+def attend_split(q, fg, fore, back):
+    """Subject queries (fg, (rows, N) bool) attend to the `fore` keys/values, the others to `back`.
+
+    The same as blending the two full attention outputs by the binary mask, at about half the cost:
+    each query is computed once, against the key set it is allowed to see.
+    """
+    out = torch.empty_like(q)
+    for r in range(q.shape[0]):
+        for chosen, (k, v) in ((fg[r], fore), (~fg[r], back)):
+            idx = chosen.nonzero().squeeze(1)
+            if len(idx):
+                out[r : r + 1, :, idx] = attend(q[r : r + 1, :, idx], k[r : r + 1], v[r : r + 1])
+    return out
 
 
 def reference_name(image):

@@ -224,3 +224,13 @@ def test_an_all_white_style_mask_warns_that_no_background_is_left(sd, shared_cac
     with pytest.warns(UserWarning, match="all white"):
         result = run(sd, shared_cache, style=picture(2), style_mask=Image.new("L", (3, 3), 255))
     assert result.info["drp"]["coverage"]["style"] == 1.0
+
+
+def test_split_attention_equals_blending_the_two_outputs_by_the_subject_mask():
+    q, k, v = qkv(2, 16, 0)
+    k_fore, v_fore, _ = qkv(2, 24, 1)
+    fg = torch.rand(2, 16, generator=torch.Generator().manual_seed(2)) > 0.5
+    got = dr.attend_split(q, fg, (k_fore, v_fore), (k, v))
+    m = fg[:, None, :, None].float()
+    expected = m * attend(q, k_fore, v_fore) + (1 - m) * attend(q, k, v)
+    assert torch.allclose(got, expected, atol=1e-6)
