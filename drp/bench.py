@@ -107,27 +107,39 @@ def write_random_folders(workdir, configs, seed=0):
 
 # ---- the reference: diffusers models holding our tensors -------------------------------------------
 
-def reference_models(sd, source):
-    """diffusers' UNet and VAE and transformers' CLIP built on meta, then given our tensors (no copy)."""
+def reference_models(spec, dtype, components=("unet", "vae", "text_encoder")):
+    """diffusers' UNet and VAE and transformers' CLIP built on meta, then given the converted files' tensors.
+
+    Read as plain contiguous tensors, one copy, whatever layout drp.load chooses: the reference runs as
+    users run it, and a child holding it holds nothing else.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    source, models = Path(spec["source"]), {}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(source / "text_encoder"))
-    # NCHW tensors for the reference even where ours are stored channels_last: it runs as users run it
-    unet.load_state_dict({k: v.contiguous() for k, v in sd.unet.state_dict().items()}, assign=True)
-    vae.load_state_dict({k: v.contiguous() for k, v in sd.vae.state_dict().items()}, assign=True)
-    keys = set(text.state_dict())
-    state = {k if k in keys else k.removeprefix("text_model."): v for k, v in sd.text_encoder.state_dict().items()}
-    text.load_state_dict(state, assign=True, strict=False)
-    for model in (unet, vae, text):
-        for name, buffer in list(model.named_buffers()):
-            if buffer.is_meta and name.endswith("position_ids"):  # a non-persistent buffer of transformers
-                owner = model.get_submodule(name.rsplit(".", 1)[0])
+        if "unet" in components:
+            models["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
+        if "vae" in components:
+            models["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
+        if "text_encoder" in components:
+            models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(source / "text_encoder"))
+    for name, model in models.items():
+        keys = set(model.state_dict())
+        with safe_open(str(Path(spec["weights"]) / MODELS[name][2]), framework="pt") as f:
+            state = {(k if k in keys else k.removeprefix("text_model.")): f.get_tensor(k).to(spec["device"], dtype)
+                     for k in f.keys()}
+        model.load_state_dict(state, assign=True, strict=False)
+        for key, buffer in list(model.named_buffers()):
+            if buffer.is_meta and key.endswith("position_ids"):  # a non-persistent buffer of transformers
+                owner = model.get_submodule(key.rsplit(".", 1)[0])
                 owner.register_buffer("position_ids", torch.arange(buffer.shape[-1])[None], persistent=False)
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text.eval()}
+        leftover = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise RuntimeError(f"the reference {name} got no value for {leftover[0]}")
+        model.eval().requires_grad_(False)
+    return models
 
 
 def reference_pipeline(models, workdir):
@@ -190,10 +202,10 @@ def alternate(calls, device, repeats, warmup=1):
 
 
 class UNetTimer:
-    """Forward hooks that add up the time spent inside a UNet (ours or diffusers') and count its calls."""
+    """Forward hooks that time every call of a UNet (ours or diffusers'): a list of (batch size, seconds)."""
 
     def __init__(self, unet, device):
-        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.device, self.calls = device, []
         unet.register_forward_pre_hook(self.enter)
         unet.register_forward_hook(self.leave)
 
@@ -201,12 +213,18 @@ class UNetTimer:
         self.start = clock(self.device)
 
     def leave(self, module, args, output):
-        self.seconds += clock(self.device) - self.start
-        self.calls += 1
+        self.calls.append((args[0].shape[0], clock(self.device) - self.start))
 
 
 def extrapolate(total, timer, steps):
-    return total + timer.seconds * (STEPS / steps - 1)
+    """The run's seconds at 50 steps: each kind of UNet call (told apart by batch size: inversion, sampling)
+    made 50/steps times as often, at the time of its last call; everything else, first-call costs
+    included, once. The last call, not the mean: a process's first call of a shape is much slower."""
+    extra = 0.0
+    for batch in {b for b, _ in timer.calls}:
+        times = [s for b, s in timer.calls if b == batch]
+        extra += len(times) * (STEPS / steps - 1) * times[-1]
+    return total + extra
 
 
 def rel_error(got, expected):
@@ -237,15 +255,12 @@ def load_ours(spec, dtype):
 def task_unet(spec, device, dtype):
     """Ours vs reference, plain CFG step (batch 2) and DRP-Diff step (batch 4 with the hook), per size."""
     sd = load_ours(spec, dtype)
-    calls_ref = {}
-    if spec["reference"]:
-        ref = reference_models(sd, Path(spec["source"]))["unet"]
-        calls_ref["ref"] = ref
+    calls_ref = {"ref": reference_models(spec, dtype, ["unet"])["unet"]} if spec["reference"] else {}
     fp32 = None
     if dtype != torch.float32:  # the fp32 model: the error bound, and diffusers fp32 for the ratios
         fp32 = load_ours(spec, torch.float32)
         if spec["reference"]:
-            calls_ref["ref_fp32"] = reference_models(fp32, Path(spec["source"]))["unet"]
+            calls_ref["ref_fp32"] = reference_models(spec, torch.float32, ["unet"])["unet"]
     out = {}
     for s in spec["unet_sizes"]:
         g = torch.Generator().manual_seed(s)
@@ -292,7 +307,7 @@ def task_vae(spec, device, dtype):
     latent = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     calls = {"encode_ours": lambda: sd.vae.encode(image), "decode_ours": lambda: sd.vae.decode(latent)}
     if spec["reference"]:
-        ref = reference_models(sd, Path(spec["source"]))["vae"]
+        ref = reference_models(spec, dtype, ["vae"])["vae"]
         calls["encode_ref"] = lambda: ref.encode(image).latent_dist.mean
         calls["decode_ref"] = lambda: ref.decode(latent).sample
     return {"times": alternate(calls, device, spec["repeats"])}
@@ -303,7 +318,7 @@ def task_text(spec, device, dtype):
     tokens = sd.tokenizer(["", PROMPT]).to(device)
     calls = {"ours": lambda: sd.text_encoder(tokens)}
     if spec["reference"]:
-        ref = reference_models(sd, Path(spec["source"]))["text_encoder"]
+        ref = reference_models(spec, dtype, ["text_encoder"])["text_encoder"]
         calls["ref"] = lambda: ref(tokens).last_hidden_state
     return {"times": alternate(calls, device, spec["repeats"])}
 
@@ -313,12 +328,15 @@ def task_attention(spec, device, dtype):
     from .attention import attend, attend_explicit
 
     q = torch.randn(2, 8, 4096, 40, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    def peak_mb():
+        return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+
     out = {}
-    for name, fn in (("fused", attend), ("explicit", attend_explicit)):  # the small one first: maxrss only grows
-        before = peak_rss_mb()
+    for name, fn in (("fused", attend), ("explicit", attend_explicit)):  # the small one first: a peak only grows
+        before = peak_mb()
         start = clock(device)
         fn(q, q, q)
-        out[name] = {"seconds": clock(device) - start, "extra_peak_mb": peak_rss_mb() - before}
+        out[name] = {"seconds": clock(device) - start, "extra_peak_mb": peak_mb() - before}
     return out
 
 
@@ -335,9 +353,7 @@ def task_generate(spec, device, dtype):
         generate(sd, PROMPT, steps=steps, height=px, width=px, latents=latents, progress=False)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            sd = load_ours(spec, dtype)  # ours only to hold the tensors; handed over, then dropped
-            pipe = reference_pipeline(reference_models(sd, Path(spec["source"])), tmp)
-            del sd
+            pipe = reference_pipeline(reference_models(spec, dtype), tmp)
             timer = UNetTimer(pipe.unet, device)
             start = clock(device)
             pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=px, width=px,
@@ -362,7 +378,7 @@ def task_drp(spec, device, dtype):
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for run in ("first", "cached"):
-            timer.seconds, timer.calls = 0.0, 0
+            timer.calls = []
             start = clock(device)
             result = generate(sd, PROMPT, steps=steps, height=px, width=px, content=content, style=style,
                               subject="cat", cache_dir=cache_dir, progress=False)
@@ -403,7 +419,16 @@ def task_compile(spec, device, dtype):
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory in MB.
+
+    Read from /proc/self/status (VmHWM) where it exists: `ru_maxrss` starts at the parent's peak, which
+    Linux carries over into a child across exec, so it would charge each child with the parent's memory.
+    """
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError, ValueError):
+        per_mb = 2**20 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
 
 
 def child_main(spec_json):
@@ -481,7 +506,7 @@ def measure(args, spec, workdir, configs, say):
     rows, raw, tasks = [], {}, args.only
     ref_name = "diffusers" if spec["reference"] else None
     flops = count_flops(configs, spec["unet_sizes"], spec["size"])
-    px, lat = spec["size"], spec["size"] // 8
+    px = spec["size"]
 
     def child(task, **extra):
         say(f"  measuring {task} {extra.get('impl', '')}".rstrip() + " …")
@@ -489,13 +514,23 @@ def measure(args, spec, workdir, configs, say):
         raw[task + ("_" + extra["impl"] if "impl" in extra else "")] = result
         return result
 
+    def ours_then_reference(task, repeats, value):
+        """Children for ours and the reference in turn, `repeats` rounds: their values and peak memory."""
+        runs, peaks = {"ours": [], "ref": []}, {"ours": [], "ref": []}
+        for _ in range(repeats):
+            for impl in (["ours", "ref"] if ref_name else ["ours"]):
+                result = child(task, impl=impl, **({"dtype": "fp32"} if impl == "ref" else {}))
+                runs[impl].append(result[value])
+                peaks[impl].append(result["peak_rss_gb"])
+        return runs["ours"], runs["ref"] or None, dict(peak_gb=max(peaks["ours"]), ref_peak_gb=max(peaks["ref"], default=None))
+
     cal = child("calibrate")
     if "unet" in tasks:
         result = child("unet")
         for s in spec["unet_sizes"]:
             t, err = result[str(s)]["times"], result[str(s)]["errors"]
             rows.append(row(f"UNet {s}×{s}, batch 2", t["ours"], t.get("ref_fp32", t.get("ref")),
-                            flops[f"unet{s}"], peak_gb=result["peak_rss_gb"], errors=err,
+                            flops[f"unet{s}"], errors=err,
                             note="vs diffusers fp32" if "ref_fp32" in t else ""))
             if "ref_fp32" in t and "ref" in t:
                 rows.append(row(f"UNet {s}×{s}, batch 2, vs diffusers {spec['dtype']}", t["ours"], t["ref"],
@@ -507,8 +542,7 @@ def measure(args, spec, workdir, configs, say):
         result = child("vae")
         t = result["times"]
         for part in ("encode", "decode"):
-            rows.append(row(f"VAE {part} {px}×{px}", t[f"{part}_ours"], t.get(f"{part}_ref"), flops[part],
-                            peak_gb=result["peak_rss_gb"]))
+            rows.append(row(f"VAE {part} {px}×{px}", t[f"{part}_ours"], t.get(f"{part}_ref"), flops[part]))
     if "text" in tasks:
         result = child("text")
         rows.append(row("text encoder, 2 prompts", result["times"]["ours"], result["times"].get("ref"),
@@ -518,17 +552,19 @@ def measure(args, spec, workdir, configs, say):
         rows.append(row("attention 4096 tokens, batch 2: extra peak MB", result["fused"]["extra_peak_mb"],
                         result["explicit"]["extra_peak_mb"], unit="MB",
                         note="ours fused (SDPA) vs explicit softmax (the score matrix)"))
-    if "generate" in tasks:
-        runs = {"ours": [], "ref": []}
-        peaks = {"ours": [], "ref": []}
-        for _ in range(args.gen_repeats):
-            for impl in (["ours", "ref"] if ref_name else ["ours"]):
-                result = child("generate", impl=impl, dtype="fp32" if impl == "ref" else spec["dtype"])
-                runs[impl].append(result["extrapolated"])
-                peaks[impl].append(result["peak_rss_gb"])
-        rows.append(row(f"generation {px}×{px}, {STEPS} steps", runs["ours"], runs["ref"] or None,
-                        note=f"{spec['steps']} steps run, extrapolated; vs diffusers fp32",
-                        peak_gb=max(peaks["ours"]), ref_peak_gb=max(peaks["ref"], default=None)))
+    named = {r["name"]: r for r in rows}
+    parts = [named.get(n) for n in ("text encoder, 2 prompts", f"UNet {px // 8}×{px // 8}, batch 2", f"VAE decode {px}×{px}")]
+    if "generate" in tasks and all(parts):  # from the calls measured alternately: robust to a busy machine
+        def composed(side):
+            return parts[0][side]["median"] + STEPS * parts[1][side]["median"] + parts[2][side]["median"]
+
+        rows.append(row(f"generation {px}×{px}, {STEPS} steps, composed", composed("ours"),
+                        composed("ref") if all("ref" in r for r in parts) else None,
+                        note=f"text + {STEPS} × UNet step + VAE decode, as measured above"))
+    if "generate" in tasks:  # diffusers in fp32: the issue's targets compare with it
+        ours, ref, peaks = ours_then_reference("generate", args.gen_repeats, "extrapolated")
+        rows.append(row(f"generation {px}×{px}, {STEPS} steps", ours, ref,
+                        note=f"{spec['steps']} steps run, extrapolated; vs diffusers fp32", **peaks))
     if "drp" in tasks:
         result = child("drp")
         rows.append(row(f"DRP generation {px}×{px}, {STEPS} steps: first run", result["first"]["extrapolated"],
@@ -537,15 +573,8 @@ def measure(args, spec, workdir, configs, say):
         rows.append(row("DRP generation: cached rerun / first run", result["cached"]["extrapolated"],
                         result["first"]["extrapolated"], note="inversions read from the cache"))
     if "load" in tasks:
-        runs = {"ours": [], "ref": []}
-        peaks = {"ours": [], "ref": []}
-        for _ in range(args.repeats):
-            for impl in (["ours", "ref"] if ref_name else ["ours"]):
-                result = child("load", impl=impl)
-                runs[impl].append(result["seconds"])
-                peaks[impl].append(result["peak_rss_gb"])
-        rows.append(row("load fp16 files for fp32 compute", runs["ours"], runs["ref"] or None,
-                        note="warm page cache", peak_gb=max(peaks["ours"]), ref_peak_gb=max(peaks["ref"], default=None)))
+        ours, ref, peaks = ours_then_reference("load", args.repeats, "seconds")
+        rows.append(row("load fp16 files for fp32 compute", ours, ref, note="warm page cache", **peaks))
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -573,25 +602,28 @@ def check_targets(rows, dtype):
             if r["name"].startswith(prefix) and (prefix.endswith("diffusers") or "vs diffusers " not in r["name"]):
                 value = r.get("ratio") if what == "ratio" else (
                     r["peak_gb"] / r["ref_peak_gb"] if r.get("ref_peak_gb") else None)
-                if value is not None:
+                if value is not None:  # the first row of that name that has the figure
                     checks.append({"row": r["name"], "what": what, "value": value, "bound": bound,
                                    "met": value <= bound})
-                break
+                    break
     return checks
 
 
 def format_report(report):
+    def num(x):
+        return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
     def span(s, unit):
         if unit == "MB":
             return f"{s['median']:.0f} MB"
-        return f"{s['median']:.3g} s [{s['min']:.3g}–{s['max']:.3g}]"
+        return f"{num(s['median'])} s [{num(s['min'])}–{num(s['max'])}]"
 
     m, cal = report["machine"], report["calibration"]
     lines = [f"drp.bench — {m['cpu']}, {m['threads']} threads, torch {m['torch']}, reference: {m['reference']}",
              f"device {report['settings']['device']}, dtype {report['settings']['dtype']}; matmul ceiling "
              f"{cal['fp32']:.0f} GFLOP/s fp32, {cal['dtype']:.0f} GFLOP/s in the compute dtype", ""]
     header = f"{'measurement':<46} {'ours':>24} {'reference':>24} {'ratio':>6} {'GFLOP/s ours/ref':>17} {'peak GB':>11}"
-    lines += [header, "-" * len(header)]
+    lines += [header, "-" * len(header)]  # peak GB: of a process holding that one model set (ours/reference)
     for r in report["rows"]:
         unit = r.get("unit", "s")
         ref = span(r["ref"], unit) if "ref" in r else "—"
@@ -635,8 +667,9 @@ def machine_info(reference):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m drp.bench", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=512, help="image size in pixels (latents: size/8)")
-    p.add_argument("--steps", type=int, default=2, help="steps actually run in the generations (extrapolated to 50)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--steps", type=int, default=2, help="steps run in the generations, at least 2 (extrapolated to 50)")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each call (after one warm-up)")
     p.add_argument("--quick", action="store_true", help="a run of a few minutes: 256 px (32×32 latents), 2 repeats")
@@ -657,8 +690,8 @@ def parse_args(argv):
         raise DrpError(f"unknown measurement {unknown[0]!r}; choose among {', '.join(TASKS)}.")
     if args.size % 8 or args.size < 64:
         raise DrpError(f"--size must be a multiple of 8 of at least 64 pixels, got {args.size}.")
-    if args.steps < 1 or args.repeats < 1:
-        raise DrpError("--steps and --repeats must be at least 1.")
+    if args.steps < 2 or args.repeats < 1:  # 2 steps: the extrapolation needs a call after the first
+        raise DrpError(f"--steps must be at least 2 and --repeats at least 1, got {args.steps} and {args.repeats}.")
     args.gen_repeats = 1 if args.quick or not args.tiny and args.size >= 512 else 2
     return args
 
@@ -669,6 +702,7 @@ def check_dtype_is_fast(args):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    args.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]  # "auto" made concrete
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16() and not args.tiny:
         raise DrpError("this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so PyTorch emulates it "
                        "10–100× slower than fp32; benchmark --dtype fp32 here, or bf16 on a CPU that has it.")

@@ -1,0 +1,91 @@
+"""`python -m drp.bench` runs end to end on tiny models and reports what it measured, as a table and as JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from drp import bench
+from drp.errors import DrpError
+from drp.model_io import load
+from drp.unet import UNetConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One tiny benchmark run: the UNet (with the DRP-Diff step), the attention memory, and loading."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = subprocess.run([sys.executable, "-m", "drp.bench", "--tiny", "--quick", "--repeats", "1",
+                          "--only", "unet,attention,load", "--workdir", str(tmp / "work"),
+                          "--json", str(tmp / "bench.json")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, json.loads((tmp / "bench.json").read_text()), tmp / "work"
+
+
+def test_report_names_the_machine_and_the_matmul_ceiling(report):
+    stdout, data, _ = report
+    assert data["machine"]["threads"] >= 1 and data["calibration"]["fp32"] > 0
+    assert "matmul ceiling" in stdout
+
+
+def test_unet_rows_compare_ours_with_diffusers_on_the_same_weights(report):
+    _, data, _ = report
+    unet = next(r for r in data["rows"] if r["name"] == "UNet 32×32, batch 2")
+    assert unet["errors"]["ours_vs_ref"] <= 1e-4  # the same tensors give the same noise prediction
+    assert unet["ratio"] == pytest.approx(unet["ours"]["median"] / unet["ref"]["median"])
+    assert unet["ours"]["gflop_s"] > 0 and unet["gflops"] > 0
+    assert {"DRP step 32×32 (early) / plain CFG step", "DRP step 32×32 (late) / plain CFG step"} <= {
+        r["name"] for r in data["rows"]}
+
+
+def test_attention_row_shows_the_fused_kernel_holds_no_score_matrix(report):
+    _, data, _ = report
+    attention = next(r for r in data["rows"] if r["name"].startswith("attention 4096"))
+    scores_mb = 2 * 8 * 4096 * 4096 * 4 / 2**20
+    assert attention["ref"]["median"] >= scores_mb  # the explicit softmax: the measurement sees it
+    assert attention["ours"]["median"] <= scores_mb / 8
+
+
+def test_load_rows_hold_both_peaks_and_the_table_lists_every_row(report):
+    stdout, data, _ = report
+    loading = next(r for r in data["rows"] if r["name"].startswith("load"))
+    assert len(loading["ours"]["runs"]) == 1 and loading["peak_gb"] > 0 and loading["ref_peak_gb"] > 0
+    for r in data["rows"]:
+        assert r["name"] in stdout
+
+
+def test_random_weights_folder_loads_with_drp_and_has_the_configs_asked_for(report):
+    _, _, work = report
+    sd = load(work / "weights")
+    assert sd.unet.cfg == UNetConfig.tiny() and sd.source["layout"] == "diffusers" and sd.source["dtype"] == "fp16"
+    values = torch.cat([p.flatten() for p in sd.unet.parameters()])
+    assert values.std() > 0.01  # random, not left at zero
+
+
+def test_extrapolation_repeats_each_kind_of_unet_call_at_its_warm_time():
+    timer = bench.UNetTimer(torch.nn.Identity(), torch.device("cpu"))
+    # 2 steps: two inversion calls (batch 1) and two sampling calls (batch 4), the first of each cold
+    timer.calls = [(1, 3.0), (1, 1.0), (4, 9.0), (4, 4.0)]
+    expected = 20.0 + 2 * 24 * 1.0 + 2 * 24 * 4.0  # each call made 25× as often, at its warm time
+    assert bench.extrapolate(20.0, timer, steps=2) == pytest.approx(expected)
+
+
+def test_an_unknown_measurement_is_refused_with_one_sentence():
+    out = subprocess.run([sys.executable, "-m", "drp.bench", "--only", "unet,speed"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: unknown measurement 'speed'")
+
+
+def test_bf16_on_a_cpu_that_only_emulates_it_is_refused(monkeypatch):
+    import drp.devices
+
+    monkeypatch.setattr(drp.devices, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(DrpError, match="no native bf16"):
+        bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"]))
+    monkeypatch.setattr(drp.devices, "cpu_has_fast_bf16", lambda: True)
+    assert bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"])).type == "cpu"
