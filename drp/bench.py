@@ -522,7 +522,8 @@ def measure(args, spec, workdir, configs, say):
                 result = child(task, impl=impl, **({"dtype": "fp32"} if impl == "ref" else {}))
                 runs[impl].append(result[value])
                 peaks[impl].append(result["peak_rss_gb"])
-        return runs["ours"], runs["ref"] or None, dict(peak_gb=max(peaks["ours"]), ref_peak_gb=max(peaks["ref"], default=None))
+        peak = dict(peak_gb=max(peaks["ours"]), ref_peak_gb=max(peaks["ref"], default=None))
+        return runs["ours"], runs["ref"] or None, peak
 
     cal = child("calibrate")
     if "unet" in tasks:
@@ -553,7 +554,8 @@ def measure(args, spec, workdir, configs, say):
                         result["explicit"]["extra_peak_mb"], unit="MB",
                         note="ours fused (SDPA) vs explicit softmax (the score matrix)"))
     named = {r["name"]: r for r in rows}
-    parts = [named.get(n) for n in ("text encoder, 2 prompts", f"UNet {px // 8}×{px // 8}, batch 2", f"VAE decode {px}×{px}")]
+    parts = [named.get(n) for n in ("text encoder, 2 prompts", f"UNet {px // 8}×{px // 8}, batch 2",
+                                    f"VAE decode {px}×{px}")]
     if "generate" in tasks and all(parts):  # from the calls measured alternately: robust to a busy machine
         def composed(side):
             return parts[0][side]["median"] + STEPS * parts[1][side]["median"] + parts[2][side]["median"]
@@ -641,7 +643,8 @@ def format_report(report):
     if report["targets"]:
         lines += ["", "targets of the issue:"]
         for c in report["targets"]:
-            lines.append(f"  {'met    ' if c['met'] else 'MISSED '} {c['row']}: {c['what']} {c['value']:.2f} ≤ {c['bound']}")
+            verdict = "met    " if c["met"] else "MISSED "
+            lines.append(f"  {verdict} {c['row']}: {c['what']} {c['value']:.2f} ≤ {c['bound']}")
     return "\n".join(lines)
 
 
@@ -734,7 +737,7 @@ def main(argv=None):
             if not args.workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
         report = {"machine": machine_info(reference), "settings": {k: v for k, v in vars(args).items() if k != "child"},
-                  **measured, "targets": check_targets(measured["rows"], args.dtype if args.dtype == "fp32" else "half")}
+                  **measured, "targets": check_targets(measured["rows"], "fp32" if args.dtype == "fp32" else "half")}
         report["settings"]["device"] = str(device)
         print("\n" + format_report(report))
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
