@@ -17,9 +17,11 @@ entropies (`drp/entropy.py`). Nothing is stored on the model: each step gets a f
 """
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
@@ -291,8 +293,7 @@ def attend_split(q, fg, fore, back):
 
 def reference_name(image):
     """How a reference is named in reports: its file name, or "<image>" for an image given in memory."""
-    return getattr(image, "name", None) or (str(image).rsplit("/", 1)[-1] if isinstance(image, (str, bytes)) or
-                                            hasattr(image, "__fspath__") else "<image>")
+    return Path(image).name if isinstance(image, (str, os.PathLike)) else "<image>"
 
 
 def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
