@@ -90,6 +90,8 @@ def parse_args(argv=None):
     o.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,mps}", help="(default: %(default)s)")
     o.add_argument("--dtype", default="auto", metavar="{auto,fp32,fp16,bf16}",
                    help="(default: %(default)s: fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)")
+    o.add_argument("--tiled-decode", action="store_true",
+                   help="decode in 512-px tiles: less memory for large images, slightly different pixels")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -159,7 +161,7 @@ def generate_settings(args):
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, eta=args.eta, num_images=args.num_images, progress=not args.no_progress,
         content=args.content, style=args.style, subject=args.subject, content_mask=args.content_mask,
-        style_mask=args.style_mask, switch_step=args.switch_step,
+        style_mask=args.style_mask, switch_step=args.switch_step, tiled_decode=args.tiled_decode,
         # DRP-Diff's options (drp/dual_reference.py, Options)
         layers=args.layers, use_masks=not args.no_masks, fixed_switch=args.fixed_switch,
         style_caption=args.style_caption, cache_dir=args.cache_dir, use_cache=not args.no_cache,

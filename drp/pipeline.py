@@ -77,10 +77,10 @@ def initial_latents(seeds, shape):
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def decode(sd, latents):
-    """Scaled latents -> images (B, 3, H, W) in [0, 1], float32."""
+def decode(sd, latents, tiled=False):
+    """Scaled latents -> images (B, 3, H, W) in [0, 1], float32 (`tiled`: see VAE.decode)."""
     with torch.no_grad():
-        images = sd.vae.decode((latents / LATENT_SCALE).to(sd.device, sd.dtype))
+        images = sd.vae.decode((latents / LATENT_SCALE).to(sd.device, sd.dtype), tiled=tiled)
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -114,13 +114,14 @@ def invert(sd, image, prompt="", steps=50, height=512, width=512, hook_for_step=
 
 def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512, width=512, seed=0, eta=0.0,
              latents=None, num_images=1, content=None, style=None, subject=None, content_mask=None,
-             style_mask=None, switch_step=None, progress=True, **drp_options):
+             style_mask=None, switch_step=None, tiled_decode=False, progress=True, **drp_options):
     """Text (and optionally reference images) -> `Result`.
 
     prompt: a string or a list (one image each); `num_images` images per prompt, image k with seed
     `seed + k`. `latents` overrides the initial noise. `content`/`style`/`subject`/masks/`switch_step`
     turn on DRP-Diff (see ALGORITHM.md); further DRP-Diff knobs are listed in
-    `dual_reference.Options` and passed by name.
+    `dual_reference.Options` and passed by name. `tiled_decode`: decode images larger than 512 px in
+    overlapping 512-px tiles, so that the decoder's memory does not grow with the image (VAE.decode).
     """
     from .dual_reference import prepare  # the method; imported here to keep the plain path readable
 
@@ -170,11 +171,12 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     timings["sampling"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    images = to_pil(decode(sd, x))
+    images = to_pil(decode(sd, x, tiled=tiled_decode))
     timings["decoding"] = time.perf_counter() - start
 
     info = dict(prompt=prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance, height=height,
                 width=width, seed=seed, seeds=seeds, eta=eta, num_images=num_images, sampler="DDIM",
+                tiled_decode=tiled_decode,
                 model=(sd.source or {}).get("file", "unknown"), device=str(sd.device),
                 dtype=str(sd.dtype).replace("torch.", ""), timings=timings)
     masks = {}

@@ -70,6 +70,8 @@ def parameters_text(info, index=0):
     }
     if info["eta"] > 0:
         fields["Eta"] = info["eta"]
+    if info.get("tiled_decode"):  # changes the pixels a little: needed to make the same image again
+        fields["Tiled decode"] = "True"
     drp = info.get("drp") or {}
     fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None})
     lines.append(", ".join(f"{key}: {_value(v)}" for key, v in fields.items()))

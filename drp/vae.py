@@ -34,6 +34,13 @@ from .errors import DrpError
 # schedule assumes. It is `scale_factor` in v1-inference.yaml (`scaling_factor` in diffusers).
 LATENT_SCALE = 0.18215
 
+# Tiled decoding (VAE.decode(tiled=True)): tiles of 64×64 latents (512×512 px, the size SD was trained
+# at), started every 48 latents, so neighbours share a quarter of a tile; each tile keeps its first
+# 384 px per side and fades linearly into the next over 128 px. These are the values of diffusers'
+# `AutoencoderKL.enable_tiling()` for SD 1.x, and its images are the same to the last digit.
+TILE = 64
+TILE_OVERLAP = 0.25
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -235,12 +242,47 @@ class VAE(nn.Module):
                            f"{images.shape[2]}×{images.shape[3]}; resize or crop the image first.")
         moments = self.quant_conv(self.encoder(images))  # (B, 8, H/8, W/8)
         mean, _logvar = moments.chunk(2, dim=1)
-        return mean
+        return mean.contiguous()  # channels_last weights (drp.load) give channels_last activations
 
-    def decode(self, latents):
+    def decode(self, latents, tiled=False):
         """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1].
 
         The output is not clamped: values slightly outside [-1, 1] occur, and the caller clamps
-        when it turns them into pixels.
+        when it turns them into pixels. `tiled`: latents larger than 64 per side are decoded in
+        overlapping tiles, so memory stays that of a 512×512 decode whatever the size; the result
+        differs a little from a whole decode (each tile's GroupNorm sees only its tile).
         """
-        return self.decoder(self.post_quant_conv(latents))
+        if tiled and max(latents.shape[2:]) > TILE:
+            return self.decode_tiles(latents)
+        return self.decoder(self.post_quant_conv(latents)).contiguous()
+
+    def decode_tiles(self, latents):
+        """Tiled decoding (see TILE): row by row, each tile blended into the one above and the one to its left."""
+        step, blend = int(TILE * (1 - TILE_OVERLAP)), int(TILE * self.factor * TILE_OVERLAP)  # 48 latents, 128 px
+        keep = TILE * self.factor - blend  # 384 px of each tile end up in the image
+        above, rows = None, []
+        for i in range(0, latents.shape[2], step):
+            row = []
+            for j in range(0, latents.shape[3], step):
+                tile = self.decoder(self.post_quant_conv(latents[:, :, i : i + TILE, j : j + TILE]))
+                if above is not None:
+                    fade_in(above[len(row)], tile, blend, dim=2)
+                if row:
+                    fade_in(row[-1], tile, blend, dim=3)
+                row.append(tile)
+            rows.append(torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3))
+            above = row
+        return torch.cat(rows, dim=2).contiguous()
+
+
+def fade_in(before, tile, extent, dim):
+    """Blends the last `extent` rows (dim 2) or columns (dim 3) of `before` into the first ones of `tile`,
+    in place: weight 1 − k/extent on `before` and k/extent on `tile` at the k-th row or column."""
+    extent = min(before.shape[dim], tile.shape[dim], extent)
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    # the weights in double, rounded once to fp32: what multiplying by a Python number gives
+    k = torch.arange(extent, dtype=torch.float64, device=tile.device) / extent
+    w_tile, w_before = k.float().view(shape), (1 - k).float().view(shape)
+    head = tile.narrow(dim, 0, extent)
+    head.copy_(before.narrow(dim, before.shape[dim] - extent, extent) * w_before + head * w_tile)

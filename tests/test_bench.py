@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drp import bench
+from drp import bench, bench_tasks
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig
@@ -68,11 +68,11 @@ def test_random_weights_folder_loads_with_drp_and_has_the_configs_asked_for(repo
 
 
 def test_extrapolation_repeats_each_kind_of_unet_call_at_its_warm_time():
-    timer = bench.UNetTimer(torch.nn.Identity(), torch.device("cpu"))
+    timer = bench_tasks.UNetTimer(torch.nn.Identity(), torch.device("cpu"))
     # 2 steps: two inversion calls (batch 1) and two sampling calls (batch 4), the first of each cold
     timer.calls = [(1, 3.0), (1, 1.0), (4, 9.0), (4, 4.0)]
     expected = 20.0 + 2 * 24 * 1.0 + 2 * 24 * 4.0  # each call made 25× as often, at its warm time
-    assert bench.extrapolate(20.0, timer, steps=2) == pytest.approx(expected)
+    assert bench_tasks.extrapolate(20.0, timer, steps=2) == pytest.approx(expected)
 
 
 def test_an_unknown_measurement_is_refused_with_one_sentence():

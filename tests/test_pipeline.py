@@ -4,13 +4,15 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from checkpoints import file_state_dict, reference_models
-from drp import ddim
+from drp import ddim, vae
 from drp.errors import DrpError
+from drp.images import to_pil
 from drp.pipeline import decode, generate, invert
 from tiny import reference_tokenizer, tiny_sd
 
@@ -209,6 +211,16 @@ def test_each_image_of_a_batch_equals_a_single_run_with_its_own_seed(sd, eta):
 def test_images_of_one_batch_differ(sd):
     batch = run(sd, "a cat", num_images=2, seed=0)
     assert (batch.latents[0] - batch.latents[1]).abs().max() > 1e-2
+
+
+def test_tiled_decode_decodes_the_same_latents_in_tiles(sd, monkeypatch):
+    monkeypatch.setattr(vae, "TILE", 4)  # 4-latent tiles: a 64×96 image is a 3 × 2 grid of them
+    whole = generate(sd, "a cat", steps=1, height=64, width=96, progress=False)
+    tiled = generate(sd, "a cat", steps=1, height=64, width=96, progress=False, tiled_decode=True)
+    assert torch.equal(tiled.latents, whole.latents) and tiled.info["tiled_decode"] is True
+    want = decode(sd, tiled.latents, tiled=True)
+    assert want.shape == (1, 3, 64, 96) and (want - decode(sd, whole.latents)).abs().max() > 1e-3
+    assert np.array_equal(np.asarray(tiled.images[0]), np.asarray(to_pil(want)[0]))
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

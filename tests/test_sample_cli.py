@@ -87,7 +87,7 @@ def test_help_lists_every_option(capsys):
     assert e.value.code == 0
     shown = capsys.readouterr().out
     for flag in ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--height", "--width",
-                 "--num-images", "--eta", "--out", "--weights", "--device", "--dtype", "--no-progress",
+                 "--num-images", "--eta", "--out", "--weights", "--device", "--dtype", "--no-progress", "--tiled-decode",
                  "--content", "--style", "--subject", "--content-mask", "--style-mask", "--switch-step",
                  "--report", "--cache-dir", "--no-cache", "--clear-cache", "--no-masks", "--fixed-switch",
                  "--layers", "--style-caption"):
@@ -224,11 +224,11 @@ def test_parameters_text_is_the_web_ui_format_width_first_without_an_empty_negat
 
 
 def test_parameters_text_adds_eta_the_drp_numbers_and_quotes_values_that_would_break_the_line():
-    info = dict(INFO, negative_prompt="blurry", eta=0.5, model="my, model: v2.ckpt",
+    info = dict(INFO, negative_prompt="blurry", eta=0.5, model="my, model: v2.ckpt", tiled_decode=True,
                 drp=dict(H_cu=6.90094, H_st=7.8, rho=0.8847, alpha=0.39, switch_step=23, coverage={"content": 0.1}))
     assert parameters_text(info, 0) == (
         'a cat\nNegative prompt: blurry\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 768x512, '
-        'Model: "my, model: v2", Eta: 0.5, DRP H_cu: 6.9009, DRP H_st: 7.8, DRP rho: 0.8847, DRP alpha: 0.39, '
+        'Model: "my, model: v2", Eta: 0.5, Tiled decode: True, DRP H_cu: 6.9009, DRP H_st: 7.8, DRP rho: 0.8847, DRP alpha: 0.39, '
         'DRP switch step: 23')
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from drp.errors import DrpError
+from drp import vae
 from drp.vae import LATENT_SCALE, VAE, VAEConfig
 from manifests import MANIFESTS, diffusers_manifest
 
@@ -67,6 +68,41 @@ def test_decode_equals_diffusers_on_a_non_square_latent(pair):
         want = ref.decode(z).sample
     assert got.shape == (2, 3, 64, 48)
     assert max_rel_err(got, want) < TOL
+
+
+def tiled_reference(ref, tile):
+    """A copy of diffusers' VAE `ref` with `enable_tiling()`, its tiles `tile` latents per side."""
+    copy = reference_vae(VAEConfig.tiny())
+    copy.load_state_dict(ref.state_dict())
+    copy.enable_tiling()
+    copy.tile_latent_min_size, copy.tile_sample_min_size = tile, tile * 8
+    return copy
+
+
+@pytest.mark.parametrize("tile, shape", [(vae.TILE, (1, 4, 72, 104)), (16, (2, 4, 40, 28))])
+def test_tiled_decoding_is_diffusers_tiled_decoding(pair, monkeypatch, tile, shape):
+    # SD's 64-latent tiles (3 × 2 of them, the last column 8 latents wide), then small tiles in a 4 × 3
+    # grid with a batch of 2: edge tiles narrower than the blend, corners blended both ways
+    ours, ref = pair
+    monkeypatch.setattr(vae, "TILE", tile)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    reference = tiled_reference(ref, tile)
+    with torch.no_grad():
+        got = ours.decode(z, tiled=True)
+        want = reference.decode(z).sample
+        # diffusers' tiling and blending around our decoder: the same to the last digit
+        reference.decoder, reference.post_quant_conv = ours.decoder, ours.post_quant_conv
+        want_exactly = reference.decode(z).sample
+    assert got.shape == want.shape == (shape[0], 3, 8 * shape[2], 8 * shape[3])
+    assert max_rel_err(got, want) < TOL
+    assert torch.equal(got, want_exactly)
+
+
+def test_tiled_decoding_of_a_latent_no_larger_than_a_tile_is_the_whole_decode(pair):
+    ours, _ = pair
+    z = torch.randn(1, 4, vae.TILE, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, tiled=True), ours.decode(z))
 
 
 def test_encode_rejects_an_image_whose_size_is_not_a_multiple_of_eight(pair):
