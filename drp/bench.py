@@ -221,7 +221,8 @@ def format_report(report):
         return f"{num(s['median'])} s [{num(s['min'])}–{num(s['max'])}]"
 
     m, cal = report["machine"], report["calibration"]
-    lines = [f"drp.bench — {m['cpu']}, {m['threads']} threads, torch {m['torch']}, reference: {m['reference']}",
+    lines = [f"drp.bench — {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}, "
+             f"reference: {m['reference']}",
              f"device {report['settings']['device']}, dtype {report['settings']['dtype']}; matmul ceiling "
              f"{cal['fp32']:.0f} GFLOP/s fp32, {cal['dtype']:.0f} GFLOP/s in the compute dtype", ""]
     header = f"{'measurement':<46} {'ours':>24} {'reference':>24} {'ratio':>6} {'GFLOP/s ours/ref':>17} {'peak GB':>11}"
@@ -267,7 +268,8 @@ def machine_info(reference):
     except OSError:
         pass
     info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "reference": "none (diffusers not importable)"}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "reference": "none (--no-reference)" if has_reference() else "none (diffusers not importable)"}
     if reference:
         import diffusers
         info["reference"] = f"diffusers {diffusers.__version__}"

@@ -14,7 +14,7 @@ missing or extra tensor is an error rather than a silently random layer.
 
 The files are read with plain reads, not through a memory map: a mapped file's pages stay resident
 until it is closed, so fp16 files loaded for fp32 compute would cost 1.5 copies of the weights at the
-peak (5.0 GB for SD 1.5 instead of 4.4). Convolution weights are stored channels_last, which makes
+peak (5.0 GB for SD 1.5 instead of 4.3). Convolution weights are stored channels_last, which makes
 PyTorch's convolutions, and every activation after them, use that layout: 4–13 % faster on the CPU
 (measured with `python -m drp.bench`); the models give their outputs back in the usual layout.
 

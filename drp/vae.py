@@ -36,8 +36,8 @@ LATENT_SCALE = 0.18215
 
 # Tiled decoding (VAE.decode(tiled=True)): tiles of 64×64 latents (512×512 px, the size SD was trained
 # at), started every 48 latents, so neighbours share a quarter of a tile; each tile keeps its first
-# 384 px per side and fades linearly into the next over 128 px. These are the values of diffusers'
-# `AutoencoderKL.enable_tiling()` for SD 1.x, and its images are the same to the last digit.
+# 384 px per side and fades linearly into the next over 128 px. These are the values and the blending
+# of diffusers' `AutoencoderKL.enable_tiling()` for SD 1.x (tests/test_vae.py: the same to the last digit).
 TILE = 64
 TILE_OVERLAP = 0.25
 
@@ -282,7 +282,7 @@ def fade_in(before, tile, extent, dim):
     shape = [1, 1, 1, 1]
     shape[dim] = extent
     # the weights in double, rounded once to fp32: what multiplying by a Python number gives
-    k = torch.arange(extent, dtype=torch.float64, device=tile.device) / extent
-    w_tile, w_before = k.float().view(shape), (1 - k).float().view(shape)
+    k = torch.arange(extent, dtype=torch.float64) / extent
+    w_tile, w_before = (w.float().view(shape).to(tile.device) for w in (k, 1 - k))
     head = tile.narrow(dim, 0, extent)
     head.copy_(before.narrow(dim, before.shape[dim] - extent, extent) * w_before + head * w_tile)
