@@ -3,7 +3,7 @@
 Nothing is downloaded. The benchmark writes a random fp16 diffusers folder with SD 1.5's shapes into a
 temporary directory, converts it into a drp weights folder with `drp.convert`, and then runs every
 measurement in a fresh child process, `python -m drp.bench_tasks` (so that the child's peak resident
-memory, `ru_maxrss`, belongs to that measurement alone). Inside a child, ours and the reference
+memory belongs to that measurement alone). Inside a child, ours and the reference
 (diffusers, if importable) hold the *same* tensors and are called alternately, so a machine shared
 with other work slows both alike.
 
@@ -311,11 +311,11 @@ def parse_args(argv):
 
 def check_dtype_is_fast(args):
     """Refuses a half dtype the machine only emulates: a full-size run would take hours, not minutes."""
-    from .devices import cpu_has_fast_bf16, resolve_device, resolve_dtype
+    from .devices import DTYPES, cpu_has_fast_bf16, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    args.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]  # "auto" made concrete
+    args.dtype = {t: name for name, t in DTYPES.items()}[dtype]  # "auto" made concrete
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16() and not args.tiny:
         raise DrpError("this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so PyTorch emulates it "
                        "10–100× slower than fp32; benchmark --dtype fp32 here, or bf16 on a CPU that has it.")

@@ -15,8 +15,8 @@ missing or extra tensor is an error rather than a silently random layer.
 The files are read with plain reads, not through a memory map: a mapped file's pages stay resident
 until it is closed, so fp16 files loaded for fp32 compute would cost 1.5 copies of the weights at the
 peak (5.0 GB for SD 1.5 instead of 4.3). Convolution weights are stored channels_last, which makes
-PyTorch's convolutions, and every activation after them, use that layout: 4–13 % faster on the CPU
-(measured with `python -m drp.bench`); the models give their outputs back in the usual layout.
+PyTorch's convolutions, and every activation after them, use that layout: 6–10 % faster on the CPU
+(UNet, measured against the same model without); the models give their outputs back in the usual layout.
 
 Plays the part of ml-explore/mlx-examples stable_diffusion/model_io.py
 (https://github.com/ml-explore/mlx-examples/blob/main/stable_diffusion/stable_diffusion/model_io.py),

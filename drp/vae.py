@@ -253,8 +253,10 @@ class VAE(nn.Module):
         differs a little from a whole decode (each tile's GroupNorm sees only its tile).
         """
         if tiled and max(latents.shape[2:]) > TILE:
-            return self.decode_tiles(latents)
-        return self.decoder(self.post_quant_conv(latents)).contiguous()
+            images = self.decode_tiles(latents)
+        else:
+            images = self.decoder(self.post_quant_conv(latents))
+        return images.contiguous()  # channels_last weights (drp.load) give channels_last activations
 
     def decode_tiles(self, latents):
         """Tiled decoding (see TILE): row by row, each tile blended into the one above and the one to its left."""
@@ -272,7 +274,7 @@ class VAE(nn.Module):
                 row.append(tile)
             rows.append(torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3))
             above = row
-        return torch.cat(rows, dim=2).contiguous()
+        return torch.cat(rows, dim=2)
 
 
 def fade_in(before, tile, extent, dim):

@@ -113,15 +113,15 @@ def test_bf16_attention_softmax_over_4096_keys_is_accumulated_in_fp32():
     assert rel_error(got, expected) <= BF16_TOL
 
 
-# The peak is read from /proc/self/status (VmHWM): `ru_maxrss` would start at the parent's peak, which
-# Linux carries over into a child across exec.
+# The peak as the benchmark reads it (VmHWM: `ru_maxrss` would start at the parent's peak, which Linux
+# carries over into a child across exec).
 PEAK_SCRIPT = """
     import sys, torch
     from drp.attention import attend, attend_explicit
+    from drp.bench_tasks import peak_rss_mb
     q = torch.randn(1, 2, 4096, 40).to(getattr(torch, sys.argv[1]))
     def peak():
-        status = open("/proc/self/status").read().split("VmHWM:")[1]
-        return int(status.split()[0]) * 1024  # kB
+        return round(peak_rss_mb() * 2**20)  # bytes
     before = peak(); attend(q, q, q); fused = peak() - before
     before = peak(); attend_explicit(q, q, q); explicit = peak() - before
     print(fused, explicit)

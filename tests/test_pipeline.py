@@ -214,7 +214,7 @@ def test_images_of_one_batch_differ(sd):
 
 
 def test_tiled_decode_decodes_the_same_latents_in_tiles(sd, monkeypatch):
-    monkeypatch.setattr(vae, "TILE", 4)  # 4-latent tiles: a 64×96 image is a 3 × 2 grid of them
+    monkeypatch.setattr(vae, "TILE", 4)  # 4-latent tiles every 3: an 8×12 latent is 3 rows of 4
     whole = generate(sd, "a cat", steps=1, height=64, width=96, progress=False)
     tiled = generate(sd, "a cat", steps=1, height=64, width=96, progress=False, tiled_decode=True)
     assert torch.equal(tiled.latents, whole.latents) and tiled.info["tiled_decode"] is True

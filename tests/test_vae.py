@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from drp.errors import DrpError
 from drp import vae
+from drp.errors import DrpError
 from drp.vae import LATENT_SCALE, VAE, VAEConfig
 from manifests import MANIFESTS, diffusers_manifest
 
@@ -72,17 +72,17 @@ def test_decode_equals_diffusers_on_a_non_square_latent(pair):
 
 def tiled_reference(ref, tile):
     """A copy of diffusers' VAE `ref` with `enable_tiling()`, its tiles `tile` latents per side."""
-    copy = reference_vae(VAEConfig.tiny())
-    copy.load_state_dict(ref.state_dict())
-    copy.enable_tiling()
-    copy.tile_latent_min_size, copy.tile_sample_min_size = tile, tile * 8
-    return copy
+    model = reference_vae(VAEConfig.tiny())
+    model.load_state_dict(ref.state_dict())
+    model.enable_tiling()
+    model.tile_latent_min_size, model.tile_sample_min_size = tile, tile * 8
+    return model
 
 
 @pytest.mark.parametrize("tile, shape", [(vae.TILE, (1, 4, 72, 104)), (16, (2, 4, 40, 28))])
 def test_tiled_decoding_is_diffusers_tiled_decoding(pair, monkeypatch, tile, shape):
-    # SD's 64-latent tiles (3 × 2 of them, the last column 8 latents wide), then small tiles in a 4 × 3
-    # grid with a batch of 2: edge tiles narrower than the blend, corners blended both ways
+    # SD's 64-latent tiles (2 rows of 3, the last column 8 latents wide), then small tiles in 4 rows of 3
+    # with a batch of 2: edge tiles narrower than the blend, corners blended both ways
     ours, ref = pair
     monkeypatch.setattr(vae, "TILE", tile)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
