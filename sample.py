@@ -92,6 +92,9 @@ def parse_args(argv=None):
                    help="(default: %(default)s: fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)")
     o.add_argument("--tiled-decode", action="store_true",
                    help="decode in 512-px tiles: less memory for large images, slightly different pixels")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: 1.5× faster steps on a GPU after minutes of compiling "
+                        "(more with references); no gain on a CPU")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -185,6 +188,9 @@ def run(args):
         print(f"demo: {args.prompt!r} with {args.content} (content) and {args.style} (style)")
     device, dtype, paths = checked_settings(args)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
+    if args.compile:  # compiled on its first call of each shape and kind of hook, then reused
+        print("--compile: the first steps compile the UNet (about a minute on a GPU, more with references)")
+        sd.unet.compile()
     if args.clear_cache:
         folder = args.cache_dir or cache.default_cache_dir()
         print(f"cache cleared: {folder} ({cache.clear(folder)} removed)")

@@ -55,6 +55,14 @@ def attend_explicit(q, k, v, bias=None):
     return (attention_probs(q, k, bias) @ v.float()).to(v.dtype)
 
 
+@torch.compiler.disable
+def run_hook(hook, attn, q, k, v, call):
+    """`hook(attn, q, k, v, call)`, always run as written, also inside a UNet under torch.compile
+    (`sample.py --compile`): the compiler then checks only the hook's type, so a sampling loop that
+    makes a new hook every step compiles the UNet once per kind of hook, not once per step."""
+    return hook(attn, q, k, v, call)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections and an optional hook on the attend step."""
 
@@ -81,7 +89,7 @@ class Attention(nn.Module):
         if hook is None:
             out = attend(q, k, v)
         else:
-            out = hook(self, q, k, v, AttnCall(self.name, self.is_cross, tuple(hw or ())))
+            out = run_hook(hook, self, q, k, v, AttnCall(self.name, self.is_cross, tuple(hw or ())))
         b, h, n, d = out.shape
         out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
         return self.to_out[0](out)

@@ -108,7 +108,8 @@ def reference_models(spec, dtype, components=("unet", "vae", "text_encoder")):
         for key, buffer in list(model.named_buffers()):
             if buffer.is_meta and key.endswith("position_ids"):  # a non-persistent buffer of transformers
                 owner = model.get_submodule(key.rsplit(".", 1)[0])
-                owner.register_buffer("position_ids", torch.arange(buffer.shape[-1])[None], persistent=False)
+                owner.register_buffer("position_ids", torch.arange(buffer.shape[-1], device=spec["device"])[None],
+                                      persistent=False)
         leftover = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if leftover:
             raise RuntimeError(f"the reference {name} got no value for {leftover[0]}")
@@ -238,7 +239,9 @@ def task_unet(spec, device, dtype):
             calls[name] = (lambda m, d: lambda: m(x.to(d), 500, context.to(d)))(model, model.dtype)
         calls["drp_early"] = lambda: sd.unet(x4, 500, c4, method.hook(0, late=False))
         calls["drp_late"] = lambda: sd.unet(x4, 500, c4, method.hook(method.opts.gen_mask_warmup, late=True))
-        times = alternate(calls, device, spec["repeats"], warmup=1 if s == min(spec["unet_sizes"]) else 0)
+        # one warm-up round: a process's first call of a model; on a GPU also each size's (its kernels chosen)
+        warmup = 1 if s == min(spec["unet_sizes"]) or device.type == "cuda" else 0
+        times = alternate(calls, device, spec["repeats"], warmup=warmup)
         with torch.no_grad():
             ours = sd.unet(x, 500, context)
             errors = {}
@@ -354,17 +357,20 @@ def task_drp(spec, device, dtype):
 
 
 def task_load(spec, device, dtype):
-    """Seconds to load the three models for fp32 compute from fp16 files (ours or diffusers')."""
+    """Seconds to load the three models from fp16 files (ours or diffusers'): for fp32 compute on the CPU
+    (the issue's case), for the compute dtype on a GPU."""
+    dtype = dtype if device.type == "cuda" else torch.float32
     start = clock(device)
     if spec["impl"] == "ours":
-        load_ours(spec, torch.float32)
+        load_ours(spec, dtype)
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         source = Path(spec["source"])
+        held = []  # all three alive at once, as drp.load holds them, so that the peak counts them together
         for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
-            cls.from_pretrained(source / sub, torch_dtype=torch.float32).to(device)
+            held.append(cls.from_pretrained(source / sub, torch_dtype=dtype).to(device))
     return {"seconds": clock(device) - start}
 
 
@@ -389,7 +395,7 @@ TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_va
 
 
 def peak_rss_mb():
-    """This process's peak resident memory in MB.
+    """This process's peak resident memory in MiB.
 
     Read from /proc/self/status (VmHWM) where it exists: `ru_maxrss` starts at the parent's peak, which
     Linux carries over into a child across exec, so it would charge each child with the parent's memory.
@@ -410,9 +416,9 @@ def child_main(spec_json):
     device = resolve_device(spec["device"])
     dtype = resolve_dtype(spec["dtype"], device)
     result = TASK_FUNCTIONS[spec["task"]](spec, device, dtype)
-    result["peak_rss_gb"] = peak_rss_mb() / 1024
+    result["peak_rss_gib"] = peak_rss_mb() / 1024
     if device.type == "cuda":
-        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     Path(spec["out"]).write_text(json.dumps(result))
 
 

@@ -312,7 +312,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     if content is None and style is None:
         return None
     if switch_step is not None and not (isinstance(switch_step, int) and 0 <= switch_step <= steps):
-        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), got {switch_step!r}.")
+        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), "
+                       f"got {switch_step!r}.")
 
     subject_tokens = [None] * len(prompts)
     if subject:
@@ -355,7 +356,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
     n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
     report = dict(subject=subject, content=reference_name(content) if "content" in refs else None,
-                  style=reference_name(style) if "style" in refs else None, H_cu=h_cu, H_st=h_st, rho=(h_cu / h_st if h_cu is not None and h_st else None), alpha=alpha,
+                  style=reference_name(style) if "style" in refs else None, H_cu=h_cu, H_st=h_st,
+                  rho=h_cu / h_st if h_cu is not None and h_st else None, alpha=alpha,
                   switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
                   mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},
                   layers=list(opts.layers))

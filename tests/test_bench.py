@@ -54,7 +54,7 @@ def test_attention_row_shows_the_fused_kernel_holds_no_score_matrix(report):
 def test_load_rows_hold_both_peaks_and_the_table_lists_every_row(report):
     stdout, data, _ = report
     loading = next(r for r in data["rows"] if r["name"].startswith("load"))
-    assert len(loading["ours"]["runs"]) == 1 and loading["peak_gb"] > 0 and loading["ref_peak_gb"] > 0
+    assert len(loading["ours"]["runs"]) == 1 and loading["peak_gib"] > 0 and loading["ref_peak_gib"] > 0
     for r in data["rows"]:
         assert r["name"] in stdout
 
@@ -89,3 +89,14 @@ def test_bf16_on_a_cpu_that_only_emulates_it_is_refused(monkeypatch):
         bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"]))
     monkeypatch.setattr(drp.devices, "cpu_has_fast_bf16", lambda: True)
     assert bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"])).type == "cpu"
+
+
+def test_the_cpu_targets_of_the_issue_are_checked_on_the_cpu_only():
+    rows = [{"name": "UNet 64×64, batch 2", "ratio": 0.4}, {"name": "DRP step 64×64 (late) / plain CFG step",
+                                                            "ratio": 2.5}]
+    on_cpu = {(c["row"], c["bound"]): c["met"] for c in bench.check_targets(rows, "bf16", "cpu")}
+    assert on_cpu == {("UNet 64×64, batch 2", 0.5): True, ("DRP step 64×64 (late) / plain CFG step", 2.2): False}
+    on_cpu_fp32 = {(c["row"], c["bound"]) for c in bench.check_targets(rows, "fp32", "cpu")}
+    assert ("UNet 64×64, batch 2", 1.0) in on_cpu_fp32 and ("UNet 64×64, batch 2", 0.5) not in on_cpu_fp32
+    on_gpu = {(c["row"], c["bound"]) for c in bench.check_targets(rows, "fp16", "cuda")}
+    assert on_gpu == {("DRP step 64×64 (late) / plain CFG step", 2.2)}  # the bf16 CPU figures are not the GPU's

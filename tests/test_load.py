@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import checkpoints as ck
 from drp.convert import convert
 from drp.errors import DrpError
-from drp.model_io import build_on_meta, load
+from drp.model_io import build_on_meta, load, read_tensors
 from drp.unet import UNetConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -66,6 +66,13 @@ def test_convolution_weights_are_channels_last_and_outputs_come_back_contiguous(
         assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
         assert not any(w.is_contiguous() for w in convs if w.shape[2:] == (3, 3))
     assert all(out.is_contiguous() for out in outputs(sd.text_encoder, sd.unet, sd.vae))
+
+
+def test_off_the_cpu_convolution_weights_keep_the_usual_layout(converted):
+    tmp, _ = converted  # the meta device stands in for a GPU: only the layout rule is read here
+    tensors = read_tensors(tmp / "fp32" / "unet.safetensors", torch.device("meta"), torch.float16)
+    convs = [t for t in tensors.values() if t.dim() == 4 and t.shape[2:] == (3, 3)]
+    assert convs and all(t.is_contiguous() and t.dtype == torch.float16 for t in convs)
 
 
 def test_fp16_files_are_computed_in_fp32_by_default(converted):

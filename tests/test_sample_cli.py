@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +20,7 @@ from drp import devices
 from drp.devices import resolve_device, resolve_dtype
 from drp.errors import DrpError
 from drp.png_info import parameters_text, save_png
+from drp.unet import UNet
 from tiny import tiny_weights_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +89,8 @@ def test_help_lists_every_option(capsys):
     assert e.value.code == 0
     shown = capsys.readouterr().out
     for flag in ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--height", "--width",
-                 "--num-images", "--eta", "--out", "--weights", "--device", "--dtype", "--no-progress", "--tiled-decode",
+                 "--num-images", "--eta", "--out", "--weights", "--device", "--dtype", "--no-progress",
+                 "--tiled-decode", "--compile",
                  "--content", "--style", "--subject", "--content-mask", "--style-mask", "--switch-step",
                  "--report", "--cache-dir", "--no-cache", "--clear-cache", "--no-masks", "--fixed-switch",
                  "--layers", "--style-caption"):
@@ -276,3 +279,20 @@ def test_named_dtypes_and_torch_objects_resolve_to_themselves():
 
 
 # DRP-Diff end to end (both references, the report, the cache) is in tests/test_sample_drp.py.
+
+
+def test_compile_runs_the_unet_through_torch_compile_for_the_same_image(weights, tmp_path, monkeypatch, capsys):
+    compiled = []
+
+    def compile_without_code_generation(unet, **kwargs):  # dynamo's tracing, not minutes of C++ builds
+        compiled.append(unet)
+        torch.nn.Module.compile(unet, backend="eager")
+
+    monkeypatch.setattr(UNet, "compile", compile_without_code_generation)
+    argv = ["--weights", str(weights), "--prompt", "a cat", *QUICK]
+    assert sample.main(argv + ["--out", str(tmp_path / "eager.png")]) == 0
+    assert not compiled
+    assert sample.main(argv + ["--out", str(tmp_path / "compiled.png"), "--compile"]) == 0
+    assert len(compiled) == 1 and "--compile" in capsys.readouterr().out
+    eager, got = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int) for name in ("eager", "compiled"))
+    assert np.abs(eager - got).max() <= 1  # the same image, up to float rounding in the last pixel level

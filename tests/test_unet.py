@@ -114,3 +114,38 @@ def test_full_size_unet_has_exactly_the_sd15_keys_and_shapes():
     ours = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     assert ours == diffusers_manifest("unet")
     assert len(ours) == 686
+
+
+class Scale:
+    """A hook with state, as a sampling loop makes a new one each step: every attention output × factor."""
+
+    def __init__(self, factor):
+        self.factor, self.calls = factor, 0
+
+    def __call__(self, attn, q, k, v, call):
+        self.calls += 1
+        return attend(q, k, v) * self.factor
+
+
+def test_under_torch_compile_hooks_run_as_written_and_a_new_hook_each_step_compiles_nothing_new(pair):
+    cfg, ours, _ = pair
+    graphs = []
+
+    def count_graphs(graph, example_inputs):  # a torch.compile backend: counts the graphs, runs them as they are
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=count_graphs)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    context = torch.randn(2, 77, cfg.context_dim, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for step, factor in enumerate([1.0, 0.9, 0.8]):
+            hook = Scale(factor)
+            got = compiled(x, 500, context, hook=hook)
+            assert hook.calls == 32  # the hook ran, every attention, in Python: its counter moved
+            assert (got - ours(x, 500, context, hook=Scale(factor))).abs().max() <= 1e-5 * got.abs().max()
+            if step == 0:
+                after_first = len(graphs)
+    assert after_first > 0 and len(graphs) == after_first  # the new hooks' factors were not compiled in
+    torch._dynamo.reset()
