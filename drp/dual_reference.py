@@ -109,11 +109,12 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
     folder = opts.cache_dir or cache.default_cache_dir()
     stored = cache.load(folder, key) if use_cache else None
     cached = stored is not None
+    context = encode_text(sd, [caption])  # (1, 77, C): for the inversion and for replaying it
     start = time.perf_counter()
     if stored is None:
         recorder = Recorder(opts, tokens)
         lo, hi = opts.record_t
-        trajectory = invert(sd, fitted, caption, steps, height, width, progress=progress,
+        trajectory = invert(sd, fitted, caption, steps, height, width, progress=progress, context=context,
                             hook_for_step=lambda k, t: recorder if lo <= t <= hi else None)
         stored = {"latents": trajectory.latents}
         if recorder.self_n:
@@ -139,9 +140,8 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
         grid = tuple(stored["grid"].tolist())
         fg, rule = masks.foreground_mask(cross, stored["self_attn"].float(), grid)
         mask = masks.upsample_mask(fg.float(), (height, width))
-    context = encode_text(sd, [caption])
-    return Reference(kind, stored["latents"].to(sd.device), context, mask, entropy.image_entropy(img), rule, cached,
-                     seconds)
+    return Reference(kind, stored["latents"].to(sd.device), context, mask, entropy.image_entropy(img), rule,
+                     cached, seconds)
 
 
 class DualReference:

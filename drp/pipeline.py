@@ -91,16 +91,17 @@ def encode_image(sd, image, width, height):
         return sd.vae.encode(pixels).float() * LATENT_SCALE
 
 
-def invert(sd, image, prompt="", steps=50, height=512, width=512, hook_for_step=None, progress=True):
+def invert(sd, image, prompt="", steps=50, height=512, width=512, hook_for_step=None, progress=True,
+           context=None):
     """DDIM inversion of an image (path, PIL, or a (1, 4, h, w) scaled latent): its `Trajectory`.
 
     Runs the sampler's steps backwards with guidance 1 (the prompt alone, no negative), from the clean
     latent up to the noisiest timestep. `hook_for_step(k, t)` may give an attention hook per step
-    (DRP-Diff records attention maps this way).
+    (DRP-Diff records attention maps this way). `context`: the prompt already encoded, if the caller has it.
     """
     check_settings(steps, 1.0, height, width)
     x = image.float() if torch.is_tensor(image) else encode_image(sd, image, width, height)
-    x0, context = x, encode_text(sd, [prompt])
+    x0, context = x, encode_text(sd, [prompt]) if context is None else context
     alphas = ddim.alphas_cumprod().to(sd.device)
     path = []
     for k, (t, t_next) in enumerate(tqdm(ddim.ddim_inversion_pairs(steps), desc="inverting", disable=not progress)):

@@ -234,3 +234,15 @@ def test_split_attention_equals_blending_the_two_outputs_by_the_subject_mask():
     m = fg[:, None, :, None].float()
     expected = m * attend(q, k_fore, v_fore) + (1 - m) * attend(q, k, v)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_each_reference_caption_is_encoded_once_whether_inverted_or_cached(sd, tmp_path):
+    batches = []
+    handle = sd.text_encoder.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        for _ in range(2):  # inverting both references, then reading them from the cache
+            batches.clear()
+            run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat")
+            assert sorted(batches) == [1, 1, 2]  # each reference's caption, then negative + prompt
+    finally:
+        handle.remove()
