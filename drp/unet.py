@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, keep_hooks_out_of_compile
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,11 @@ class UNet(nn.Module):
         for name, module in self.named_modules():  # give every attention its checkpoint path
             if isinstance(module, Attention):
                 module.name = name
+
+    def compile(self, **kwargs):
+        """torch.compile this UNet in place (`sample.py --compile`), its attention hooks left uncompiled."""
+        keep_hooks_out_of_compile()
+        super().compile(**kwargs)
 
     def forward(self, x, t, context, hook=None):
         """x: (B, 4, h, w) noisy latents; t: timestep(s), int or (B,); context: (B, 77, 768) text."""

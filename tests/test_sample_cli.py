@@ -284,15 +284,17 @@ def test_named_dtypes_and_torch_objects_resolve_to_themselves():
 def test_compile_runs_the_unet_through_torch_compile_for_the_same_image(weights, tmp_path, monkeypatch, capsys):
     compiled = []
 
-    def compile_without_code_generation(unet, **kwargs):  # dynamo's tracing, not minutes of C++ builds
-        compiled.append(unet)
-        torch.nn.Module.compile(unet, backend="eager")
+    module_compile = torch.nn.Module.compile
 
-    monkeypatch.setattr(UNet, "compile", compile_without_code_generation)
+    def compile_without_code_generation(module, **kwargs):  # dynamo's tracing, not minutes of C++ builds
+        compiled.append(module)
+        module_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_without_code_generation)
     argv = ["--weights", str(weights), "--prompt", "a cat", *QUICK]
     assert sample.main(argv + ["--out", str(tmp_path / "eager.png")]) == 0
     assert not compiled
     assert sample.main(argv + ["--out", str(tmp_path / "compiled.png"), "--compile"]) == 0
-    assert len(compiled) == 1 and "--compile" in capsys.readouterr().out
+    assert len(compiled) == 1 and isinstance(compiled[0], UNet) and "--compile" in capsys.readouterr().out
     eager, got = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int) for name in ("eager", "compiled"))
     assert np.abs(eager - got).max() <= 1  # the same image, up to float rounding in the last pixel level
