@@ -278,13 +278,8 @@ def test_named_dtypes_and_torch_objects_resolve_to_themselves():
     assert resolve_dtype("fp16", "cuda") == torch.float16
 
 
-# DRP-Diff end to end (both references, the report, the cache) is in tests/test_sample_drp.py.
-
-
 def test_compile_runs_the_unet_through_torch_compile_for_the_same_image(weights, tmp_path, monkeypatch, capsys):
-    compiled = []
-
-    module_compile = torch.nn.Module.compile
+    compiled, module_compile = [], torch.nn.Module.compile
 
     def compile_without_code_generation(module, **kwargs):  # dynamo's tracing, not minutes of C++ builds
         compiled.append(module)
@@ -298,3 +293,6 @@ def test_compile_runs_the_unet_through_torch_compile_for_the_same_image(weights,
     assert len(compiled) == 1 and isinstance(compiled[0], UNet) and "--compile" in capsys.readouterr().out
     eager, got = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=int) for name in ("eager", "compiled"))
     assert np.abs(eager - got).max() <= 1  # the same image, up to float rounding in the last pixel level
+
+
+# DRP-Diff end to end (both references, the report, the cache) is in tests/test_sample_drp.py.

@@ -3,6 +3,7 @@
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,5 +163,6 @@ def test_under_torch_compile_hooks_run_as_written_and_new_hooks_compile_nothing_
 def test_importing_drp_does_not_import_the_compiler():
     # torch._dynamo costs 2.5 s and 70 MB on import; only `UNet.compile` needs it
     code = "import sys, drp, drp.pipeline, drp.unet; print('torch._dynamo' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
