@@ -227,7 +227,8 @@ def format_report(report):
         return f"{num(s['median'])} s [{num(s['min'])}–{num(s['max'])}]"
 
     m, cal = report["machine"], report["calibration"]
-    gpu = f"{m['gpu']}, " if "gpu" in m and report["settings"]["device"].startswith("cuda") else ""
+    on_gpu = report["settings"]["device"].startswith("cuda")
+    gpu = f"{m['gpu']}, " if "gpu" in m and on_gpu else ""
     lines = [f"drp.bench — {gpu}{m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}, "
              f"reference: {m['reference']}",
              f"device {report['settings']['device']}, dtype {report['settings']['dtype']}; matmul ceiling "
@@ -235,7 +236,7 @@ def format_report(report):
     header = (f"{'measurement':<46} {'ours':>24} {'reference':>24} {'ratio':>6} {'GFLOP/s ours/ref':>17} "
               f"{'peak GiB':>11}")
     lines += [header, "-" * len(header)]  # peak GiB: of a process holding that one model set (ours/reference)
-    if report["settings"]["device"].startswith("cuda"):
+    if on_gpu:
         lines.insert(-2, "peak GiB: GPU memory allocated (torch.cuda.max_memory_allocated)")
     for r in report["rows"]:
         unit = r.get("unit", "s")

@@ -60,19 +60,18 @@ def random_tensor(key, shape, generator):
 
 def write_random_folders(workdir, configs, seed=0):
     """A random fp16 diffusers folder and its drp conversion in `workdir`; returns their paths."""
-    from .convert import convert
+    from .convert import FOLDER_FILES, convert
 
     source, weights = Path(workdir) / "diffusers", Path(workdir) / "weights"
-    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors"}
     for i, (component, config) in enumerate(folder_configs(configs).items()):
         folder = source / component
         folder.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator().manual_seed(seed * 10 + i)
         shapes = {k: tuple(v.shape) for k, v in build_on_meta(component, configs[component]).state_dict().items()}
         tensors = {k: random_tensor(k, s, generator).half() for k, s in sorted(shapes.items())}
-        save_file(tensors, str(folder / (files[component] + ".tmp")), metadata={"format": "pt"})
-        os.replace(folder / (files[component] + ".tmp"), folder / files[component])
+        file = folder / FOLDER_FILES[component][0]  # the plain file of a diffusers folder
+        save_file(tensors, str(file) + ".tmp", metadata={"format": "pt"})
+        os.replace(str(file) + ".tmp", file)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         del tensors
     convert(source, weights, dtype="fp16", progress=False)

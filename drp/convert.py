@@ -33,12 +33,12 @@ from tqdm import tqdm
 from . import keymaps
 from .clip import CLIPConfig
 from .errors import DrpError
-from .model_io import FORMAT, MODELS, build_on_meta
+from .model_io import FILE_DTYPES, FORMAT, MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
 
 OUT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32"}
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in FILE_DTYPES.items()}  # what drp.load reads back
 # Weight files of a diffusers folder, best first: the plain file, then the `.fp16.` variant.
 FOLDER_FILES = {
     "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
