@@ -10,7 +10,9 @@ where `model.json` = {"format": 1, "unet": UNetConfig fields, "vae": ..., "text_
 device (shapes only, no memory and no random initialisation), reads the file tensor by tensor,
 converts each tensor to the compute dtype on the target device, and hands the tensors to the model
 with `load_state_dict(strict=True, assign=True)`. So the weights exist once in memory, and a
-missing or extra tensor is an error rather than a silently random layer.
+missing or extra tensor is an error rather than a silently random layer. One tensor may stay as
+stored: the text encoder's token table, read only 77 rows at a time, keeps an fp16 file's dtype
+under fp32 compute (the rows are cast after the lookup, the same numbers; 72 MiB less).
 
 The files are read with plain reads, not through a memory map: a mapped file's pages stay resident
 until it is closed, so fp16 files loaded for fp32 compute would cost 1.5 copies of the weights at the
@@ -109,12 +111,14 @@ FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
                "I32": torch.int32}
 
 
-def read_tensors(path, device, dtype):
+def read_tensors(path, device, dtype, lookup_tables=()):
     """{name: tensor} of a .safetensors file, each read into one scratch buffer, then cast and moved once.
 
     The format: 8 bytes (little-endian length n), n bytes of JSON {name: {"dtype", "shape",
     "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw data, offsets counted from its start.
-    Floating-point tensors become `dtype`; on the CPU, 4-D ones (convolution weights) become channels_last.
+    Floating-point tensors become `dtype`, except the tables named in `lookup_tables` (the model casts
+    the rows it reads) when the file's dtype is narrower than fp32 compute and so loses nothing there.
+    On the CPU, 4-D tensors (convolution weights) become channels_last.
     """
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -136,8 +140,8 @@ def read_tensors(path, device, dtype):
                 raise ValueError(f"the file ends inside {name}")
             stored = raw.view(stored_dtype).view(entry["shape"])
             layout = torch.channels_last if stored.dim() == 4 and device.type == "cpu" else torch.contiguous_format
-            tensors[name] = stored.to(device=device, dtype=dtype if stored.is_floating_point() else None,
-                                      memory_format=layout, copy=True)
+            cast = stored.is_floating_point() and not (name in lookup_tables and dtype == torch.float32)
+            tensors[name] = stored.to(device=device, dtype=dtype if cast else None, memory_format=layout, copy=True)
     return tensors
 
 
@@ -145,7 +149,7 @@ def load_model(component, cfg, path, device, dtype):
     """One model from its file: built on meta, each tensor read, cast and moved once, then assigned."""
     model = build_on_meta(component, cfg)
     try:
-        state = read_tensors(path, device, dtype)
+        state = read_tensors(path, device, dtype, getattr(model, "lookup_tables", ()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise DrpError(f"{path} cannot be read ({e}); convert the weights again: {HOW_TO_GET}.") from None
     try:

@@ -18,6 +18,7 @@ that is what SD was run with; each such place says so. The vocabulary file
 """
 
 import gzip
+import itertools
 import re
 import unicodedata
 from pathlib import Path
@@ -161,10 +162,10 @@ class Tokenizer:
                 f"CLIP's vocabulary file was not found at {path}; "
                 "restore weights/bpe_simple_vocab_16e6.txt.gz from the repository or pass its path."
             )
+        # line 0 is a header ("#version: 0.2"); each merge line is "left right", e.g. "i n". The file
+        # holds 262,144 merges, of which CLIP learned with the first 48,894: only those are read.
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # line 0 is a header ("#version: 0.2"); each merge line is "left right", e.g. "i n"
-        merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]
+            merges = [tuple(line.split()) for line in itertools.islice(f, 1, 1 + NUM_MERGES)]
 
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}

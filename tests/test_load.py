@@ -75,6 +75,9 @@ def test_off_the_cpu_convolution_weights_keep_the_usual_layout(converted):
     assert convs and all(t.is_contiguous() and t.dtype == torch.float16 for t in convs)
 
 
+TOKEN_TABLE = "text_model.embeddings.token_embedding.weight"
+
+
 def test_fp16_files_are_computed_in_fp32_by_default(converted):
     tmp, models = converted
     sd = load(tmp / "fp16")
@@ -82,8 +85,23 @@ def test_fp16_files_are_computed_in_fp32_by_default(converted):
     for name in COMPONENTS:
         ours = dict(getattr(sd, name).named_parameters())
         for key, p in models[name].named_parameters():
-            assert ours[key].dtype == torch.float32
-            assert torch.equal(ours[key], p.detach().half().float()), key
+            # the token table stays as stored: the text encoder casts the 77 rows it looks up
+            assert ours[key].dtype == (torch.float16 if key == TOKEN_TABLE else torch.float32), key
+            assert torch.equal(ours[key].float(), p.detach().half().float()), key
+
+
+def test_the_token_table_kept_in_fp16_gives_the_numbers_of_an_fp32_table(converted):
+    tmp, _ = converted
+    sd = load(tmp / "fp16")
+    upcast = copy.deepcopy(sd.text_encoder).float()
+    assert upcast.get_parameter(TOKEN_TABLE).dtype == torch.float32
+    tokens = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = sd.text_encoder(tokens), upcast(tokens)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # half compute, and fp32 files, cast it like every other tensor
+    assert load(tmp / "fp16", dtype="bf16").text_encoder.get_parameter(TOKEN_TABLE).dtype == torch.bfloat16
+    assert load(tmp / "fp32").text_encoder.get_parameter(TOKEN_TABLE).dtype == torch.float32
 
 
 def test_fp32_files_are_computed_in_bf16_when_asked(converted):
