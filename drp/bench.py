@@ -15,7 +15,8 @@ with other work slows both alike.
     generate    a whole plain generation: a few steps run, extrapolated to 50 (text + 50 × step + decode)
     drp         the dual-reference generation, first run (inverting both references) and cached rerun
     load        loading the fp16 files (CPU: for fp32 compute; GPU: in the compute dtype): drp.load vs
-                diffusers' from_pretrained, all three models held; at most 3 rounds, each a process
+                diffusers' from_pretrained, all three models held; at most 3 rounds, each a process;
+                warm (files in the page cache), then cold (dropped from it first; Linux)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
@@ -110,21 +111,21 @@ def measure(args, spec, workdir, configs, say):
     px = spec["size"]
 
     def child(task, **extra):
-        say(f"  measuring {task} {extra.get('impl', '')}".rstrip() + " …")
-        result = run_child(task, spec, workdir, **extra)
-        raw[task + ("_" + extra["impl"] if "impl" in extra else "")] = result
+        name = "_".join([task, *([extra["impl"]] if "impl" in extra else []), *(["cold"] if extra.get("cold") else [])])
+        say(f"  measuring {name.replace('_', ' ')} …")
+        raw[name] = result = run_child(task, spec, workdir, **extra)
         return result
 
     on_gpu = spec["device"].startswith("cuda")
     ref_dtype = spec["dtype"] if on_gpu else "fp32"  # on the CPU, the issue's targets compare with fp32
     peak_key = "peak_cuda_gib" if on_gpu else "peak_rss_gib"
 
-    def ours_then_reference(task, repeats, value):
+    def ours_then_reference(task, repeats, value, **extra):
         """Children for ours and the reference in turn, `repeats` rounds: their values and peak memory."""
         runs, peaks = {"ours": [], "ref": []}, {"ours": [], "ref": []}
         for _ in range(repeats):
             for impl in (["ours", "ref"] if ref_name else ["ours"]):
-                result = child(task, impl=impl, **({"dtype": ref_dtype} if impl == "ref" else {}))
+                result = child(task, impl=impl, **extra, **({"dtype": ref_dtype} if impl == "ref" else {}))
                 runs[impl].append(result[value])
                 peaks[impl].append(result[peak_key])
         peak = dict(peak_gib=max(peaks["ours"]), ref_peak_gib=max(peaks["ref"], default=None))
@@ -179,9 +180,11 @@ def measure(args, spec, workdir, configs, say):
                         peak_gib=result[peak_key]))
         rows.append(row("DRP generation: cached rerun / first run", result["cached"]["extrapolated"],
                         result["first"]["extrapolated"], note="inversions read from the cache"))
-    if "load" in tasks:
-        ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds")  # a process per run
-        rows.append(row(f"load fp16 files for {ref_dtype} compute", ours, ref, note="warm page cache", **peaks))
+    if "load" in tasks:  # a process per run; cold where the files can be dropped from the page cache (Linux)
+        for cold in (False, True) if hasattr(os, "posix_fadvise") else (False,):
+            ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds", cold=cold)
+            rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
+                            note="files dropped from the page cache first" if cold else "warm page cache", **peaks))
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -195,7 +198,7 @@ TARGETS = [  # (row name prefix, what, bound, when) from the issue; checked wher
     ("UNet 64×64, batch 2", "ratio", 1.0, "fp32"), ("UNet 64×64, batch 2", "ratio", 0.5, "half"),
     ("UNet 64×64, batch 2, vs diffusers", "ratio", 0.85, "half"), ("UNet 32×32, batch 2", "ratio", 0.5, "half"),
     ("generation", "ratio", 0.55, "half"), ("generation", "peak", 0.6, "half"),
-    ("load", "ratio", 1.0, "any"), ("load", "peak", 0.8, "any"),
+    ("load", "ratio", 1.0, "any"), ("load", "peak", 0.8, "any"), ("cold load", "ratio", 1.0, "any"),
     ("DRP step 64×64 (late)", "ratio", 2.2, "any"), ("DRP step 64×64 (early)", "ratio", 2.2, "any"),
     ("DRP generation: cached", "ratio", 0.75, "any"),
 ]

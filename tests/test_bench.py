@@ -1,6 +1,7 @@
 """`python -m drp.bench` runs end to end on tiny models and reports what it measured, as a table and as JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +54,36 @@ def test_attention_row_shows_the_fused_kernel_holds_no_score_matrix(report):
 
 def test_load_rows_hold_both_peaks_and_the_table_lists_every_row(report):
     stdout, data, _ = report
-    loading = next(r for r in data["rows"] if r["name"].startswith("load"))
-    assert len(loading["ours"]["runs"]) == 1 and loading["peak_gib"] > 0 and loading["ref_peak_gib"] > 0
+    loads = [r for r in data["rows"] if "load fp16 files" in r["name"]]
+    assert [r["name"].startswith("cold") for r in loads] == [False, True][: 1 + hasattr(os, "posix_fadvise")]
+    for loading in loads:
+        assert len(loading["ours"]["runs"]) == 1 and loading["peak_gib"] > 0 and loading["ref_peak_gib"] > 0
+    assert {c["row"] for c in data["targets"]} >= {r["name"] for r in loads}  # the issue's bounds, cold too
     for r in data["rows"]:
         assert r["name"] in stdout
+
+
+def file_system(path):
+    """The type of the file system holding `path`, from /proc/mounts (Linux)."""
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    return max((m for m in mounts if str(path).startswith(m[0])), key=lambda m: len(m[0]))[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="checking the page cache needs Linux's RWF_NOWAIT")
+def test_the_cold_load_starts_with_the_files_out_of_the_page_cache(tmp_path):
+    if file_system(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a file in memory cannot leave the page cache")
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / "folder" / "unet.safetensors"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB, just written: in the page cache, not yet on disk
+    bench_tasks.drop_from_page_cache([tmp_path])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # a read that would have to wait for the disk
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(range(256)) * 4096  # and the file is as it was
 
 
 def test_random_weights_folder_loads_with_drp_and_has_the_configs_asked_for(report):
