@@ -66,7 +66,7 @@ def test_load_rows_hold_both_peaks_and_the_table_lists_every_row(report):
 def file_system(path):
     """The type of the file system holding `path`, from /proc/mounts (Linux)."""
     mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    return max((m for m in mounts if str(path).startswith(m[0])), key=lambda m: len(m[0]))[1]
+    return max((m for m in mounts if Path(path).is_relative_to(m[0])), key=lambda m: len(m[0]))[1]
 
 
 @pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="checking the page cache needs Linux's RWF_NOWAIT")
