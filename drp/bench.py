@@ -16,7 +16,7 @@ with other work slows both alike.
     drp         the dual-reference generation, first run (inverting both references) and cached rerun
     load        loading the fp16 files (CPU: for fp32 compute; GPU: in the compute dtype): drp.load vs
                 diffusers' from_pretrained, all three models held; at most 3 rounds, each a process;
-                warm (files in the page cache), then cold (dropped from it first; Linux)
+                warm (files in the page cache), then cold (dropped from it first; Linux, not tmpfs)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_tasks import STEPS, write_random_folders
+from .bench_tasks import STEPS, cold_start_possible, write_random_folders
 from .clip import CLIPConfig
 from .errors import DrpError
 from .model_io import MODELS, build_on_meta
@@ -181,7 +181,10 @@ def measure(args, spec, workdir, configs, say):
         rows.append(row("DRP generation: cached rerun / first run", result["cached"]["extrapolated"],
                         result["first"]["extrapolated"], note="inversions read from the cache"))
     if "load" in tasks:  # a process per run; cold where the files can be dropped from the page cache (Linux)
-        for cold in (False, True) if hasattr(os, "posix_fadvise") else (False,):
+        for cold in (False, True):
+            if cold and not cold_start_possible([spec["weights"], spec["source"]]):  # each child drops them again
+                say("  cold load not measured: the files cannot be dropped from the page cache here (e.g. tmpfs)")
+                break
             ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds", cold=cold)
             rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
                             note="files dropped from the page cache first" if cold else "warm page cache", **peaks))

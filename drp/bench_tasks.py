@@ -355,15 +355,57 @@ def task_drp(spec, device, dtype):
     return out
 
 
+def files_under(folders):
+    return [p for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+
 def drop_from_page_cache(folders):
-    """Makes the next read of every file under `folders` come from the disk: a cold start (Linux)."""
-    for path in (p for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()):
+    """Makes the next read of every file under `folders` come from the disk: a cold start (Linux). Does
+    nothing on tmpfs, where the page cache is where the files live: see `cold_start_possible`."""
+    for path in files_under(folders):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)  # pages not yet written out cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def cached_pages(path):
+    """How many pages of a file are in the page cache: Linux's mincore on a mapping of it (which reads nothing)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"cannot map {path}")
+    try:
+        if libc.mincore(address, size, pages) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
+    finally:
+        libc.munmap(address, size)
+    return sum(page & 1 for page in pages)
+
+
+def cold_start_possible(folders):
+    """Whether `drop_from_page_cache` takes these files out of the page cache here, tried (not on tmpfs)."""
+    if not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")):
+        return False
+    try:
+        drop_from_page_cache(folders)
+        return not any(cached_pages(path) for path in files_under(folders))
+    except OSError:  # e.g. a file it may not open
+        return False
 
 
 def task_load(spec, device, dtype):
