@@ -22,7 +22,7 @@ from drp.devices import resolve_device, resolve_dtype
 from drp.dual_reference import Options
 from drp.errors import DrpError
 from drp.images import load_image
-from drp.pipeline import check_settings
+from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
 
