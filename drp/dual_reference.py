@@ -162,6 +162,10 @@ class DualReference:
     def hook(self, i, late):
         return StepHook(self, i, late)
 
+    def step_inputs(self, i, late, x_in, text):
+        """The UNet's input, text and hook at step i: the replayed reference rows join the batch."""
+        return torch.cat([x_in, self.latents_at(i)]), torch.cat([text, self.context]), self.hook(i, late)
+
     def tokens(self, kind, part, hw):
         """Indices of a reference's foreground ("fg") or background ("bg") tokens at grid hw."""
         key = (kind, part, hw)
