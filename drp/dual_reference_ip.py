@@ -129,7 +129,8 @@ def reference_tokens(sd, images):
     from .vision import clip_pixels  # the encoder's preprocessing (drp/vision.py)
 
     kinds = list(images)
-    pixels = clip_pixels([load_image(images[k], f"{k} reference") for k in kinds])  # (R, 3, 224, 224)
+    pixels = clip_pixels([load_image(images[k], f"{k} reference") for k in kinds],
+                         size=sd.image_encoder.cfg.image_size)  # (R, 3, 224, 224)
     tokens = sd.ip_adapter.image_tokens(sd.image_encoder, pixels)  # (R, T, 768)
     return {k: tokens[j : j + 1] for j, k in enumerate(kinds)}, sd.ip_adapter.uncond_tokens(sd.image_encoder)
 
@@ -159,7 +160,7 @@ class DualReferenceIP:
 def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
             switch_step=None, steps=50, progress=True, timings=None, **options):
     """Everything the IP-Adapter mode needs before sampling, or None without a reference (plain text-to-image)."""
-    resolve_mode(sd, "ip-adapter")  # its weights are loaded, or one sentence on how to get them
+    resolve_mode(sd, "ip-adapter", references=content is not None or style is not None)  # or how to get it
     opts = make_options(Options, options, "ip-adapter")
     check_options(opts)
     if content_mask is not None or style_mask is not None:
@@ -220,6 +221,6 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
 
 
 def adapter_name(sd):
-    """The adapter's file as loaded (model.json's record), or its kind when unknown."""
-    source = getattr(sd.ip_adapter, "source", None) or (sd.source or {}).get("ip_adapter") or {}
-    return source.get("file") if isinstance(source, dict) and source.get("file") else f"IP-Adapter ({sd.ip_adapter.kind})"
+    """The adapter's file as converted (its JSON's record), or its kind when unknown."""
+    source = getattr(sd.ip_adapter, "source", None) or {}
+    return source.get("file") or f"IP-Adapter ({sd.ip_adapter.kind})"

@@ -23,6 +23,7 @@ ip_adapter/attention_processor.py `IPAttnProcessor2_0`); equal to diffusers' `lo
 (tests/test_ip_adapter.py).
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -292,3 +293,43 @@ def resolve_scale(scale, layer_names):
         keys = [key for key in scale if name == key or name.startswith(key + ".")]
         resolved[name] = float(scale[max(keys, key=len)]) if keys else 0.0
     return resolved
+
+
+def image_prompt(sd, images, scale, rows):
+    """The hook that adds an image prompt to `sd`'s text-to-image, for a batch of `rows` images.
+
+    `images`: a picture (path or PIL) or a list of them; several pictures share one softmax (their
+    tokens side by side in one group), as diffusers does for a list of images given to one adapter.
+    The UNet batch is [unconditional rows; conditional rows] (classifier-free guidance), so the
+    tokens are [no-image tokens × rows; image tokens × rows].
+    """
+    from .vision import clip_pixels
+
+    adapter, encoder = sd.ip_adapter, sd.image_encoder
+    if adapter is None or encoder is None:
+        missing = " and ".join(n for n, m in (("IP-Adapter", adapter), ("image encoder", encoder)) if m is None)
+        raise DrpError(f"an image prompt needs IP-Adapter's files, and the {missing} is not converted in "
+                       f"{getattr(sd, 'folder', None) or 'the weights folder'}; add them with "
+                       "`python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise DrpError("ip_image is an empty list; give a picture, a path, or a list of them.")
+    scales = resolve_scale(scale, adapter.layer_names)
+    pixels = clip_pixels(images, size=encoder.cfg.image_size)  # (n, 3, 224, 224)
+    tokens = adapter.image_tokens(encoder, pixels)  # (n, T, C)
+    cond = rearrange(tokens, "n t c -> 1 (n t) c")  # all pictures in one row: one joint softmax
+    uncond = adapter.uncond_tokens(encoder).repeat(1, len(images), 1)  # 'no image' once per picture
+    tokens = torch.cat([uncond.expand(rows, -1, -1), cond.expand(rows, -1, -1)])  # (2·rows, n·T, C)
+    return DecoupledCrossAttention(adapter, [ImageGroup(tokens, scales)])
+
+
+def report(sd, images, scale):
+    """What `Result.info["ip_adapter"]` records: the adapter file, its kind, the scale and the pictures."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    source = getattr(sd.ip_adapter, "source", None) or {}
+
+    def name(im):  # a path's file name; a PIL picture's file name if it was opened from one
+        return os.path.basename(im if isinstance(im, (str, os.PathLike)) else getattr(im, "filename", "") or "picture")
+
+    return dict(file=source.get("file", "unknown"), kind=sd.ip_adapter.kind, scale=scale,
+                images=[name(im) for im in images])

@@ -17,26 +17,36 @@ from pathlib import Path
 
 from . import entropy
 from .errors import DrpError
+from .model_io import GET_IP_ADAPTER
 
 MODES = ("auto", "self-attention", "ip-adapter")
-IP_HOW_TO_GET = ("get them with `python convert_weights.py --download ip-adapter` (the h94/IP-Adapter "
-                 "adapter and its image encoder, about 2.6 GB)")
 
 
 def has_ip_adapter(sd):
-    """Whether the IP-Adapter and its image encoder were converted and loaded beside SD."""
-    return getattr(sd, "ip_adapter", None) is not None and getattr(sd, "image_encoder", None) is not None
+    """Whether the IP-Adapter and its image encoder are there, without reading them (`drp.load` reads
+    them on first use): set on `sd`, or converted into its folder (`<name>.json` beside the weights)."""
+    def present(name):
+        components, folder = getattr(sd, "components", {}), getattr(sd, "folder", None)
+        if name in components:
+            return components[name] is not None
+        return folder is not None and (Path(folder) / f"{name}.json").is_file()
+
+    return present("ip_adapter") and present("image_encoder")
 
 
-def resolve_mode(sd, mode="auto"):
-    """"auto" -> "ip-adapter" when its weights are loaded, else "self-attention"; the others are checked."""
+def resolve_mode(sd, mode="auto", references=True):
+    """"auto" -> "ip-adapter" when its weights are there, else "self-attention"; the others are checked.
+
+    Without references nothing is checked but the name: plain text-to-image needs no IP-Adapter."""
     if mode not in MODES:
-        raise DrpError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+        raise DrpError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}.")
+    if not references:
+        return mode
     if mode == "auto":
         return "ip-adapter" if has_ip_adapter(sd) else "self-attention"
     if mode == "ip-adapter" and not has_ip_adapter(sd):
         raise DrpError(f"the ip-adapter mode needs the IP-Adapter and its image encoder in the weights folder; "
-                       f"{IP_HOW_TO_GET}.")
+                       f"{GET_IP_ADAPTER}.")
     return mode
 
 

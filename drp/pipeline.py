@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import ddim
-from . import dual_reference, dual_reference_ip
+from . import ddim, dual_reference, dual_reference_ip, ip_adapter
 from .errors import DrpError
 from .images import to_pil
 from .method_common import resolve_mode
@@ -45,7 +44,8 @@ class Result:
 
 def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512, width=512, seed=0, eta=0.0,
              latents=None, num_images=1, content=None, style=None, subject=None, content_mask=None,
-             style_mask=None, switch_step=None, mode="auto", tiled_decode=False, progress=True, **drp_options):
+             style_mask=None, switch_step=None, mode="auto", tiled_decode=False, progress=True, ip_image=None,
+             ip_scale=0.6, **drp_options):
     """Text (and optionally reference images) -> `Result`.
 
     prompt: a string or a list (one image each); `num_images` images per prompt, image k with seed
@@ -55,6 +55,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     are loaded. Further DRP-Diff knobs are the mode's `Options` (drp/dual_reference.py,
     drp/dual_reference_ip.py), passed by name. `tiled_decode`: decode images larger than 512 px in
     overlapping 512-px tiles, so that the decoder's memory does not grow with the image (VAE.decode).
+    `ip_image`: an image prompt (a picture, a path, or a list of them) through IP-Adapter, at `ip_scale`
+    (a number, or per block: {"up_blocks.1": 1.0}; see ip_adapter.resolve_scale).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -62,6 +64,10 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     if not isinstance(num_images, int) or num_images < 1:
         raise DrpError(f"num_images must be a whole number ≥ 1, got {num_images!r}.")
     check_settings(steps, guidance, height, width, eta)
+    mode = resolve_mode(sd, mode, references=content is not None or style is not None)  # "auto": see there
+    if ip_image is not None and (content is not None or style is not None):
+        raise DrpError("an image prompt (ip_image) cannot be combined with content/style references yet; "
+                       "give either ip_image or content/style.")
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [negative_prompt] * len(prompts)
     seeds = [seed + k for k in range(len(prompts))]
@@ -76,9 +82,18 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     text = encode_text(sd, negatives + prompts)  # (2B, 77, C): unconditional rows first, then conditional
     timings["text"] = time.perf_counter() - start
 
+    # IP-Adapter: the image prompt's tokens, which a hook adds to every cross-attention.
+    image_prompt = None
+    if ip_image is not None:
+        if content is not None or style is not None:
+            raise DrpError("ip_image cannot be combined with DRP-Diff's content/style references; give the "
+                           "pictures as content= and style= (mode=\"ip-adapter\" puts them in the cross-attention).")
+        start = time.perf_counter()
+        image_prompt = ip_adapter.image_prompt(sd, ip_image, ip_scale, batch)
+        timings["image prompt"] = time.perf_counter() - start
+
     # DRP-Diff: prepare the references and pick the switch step. Self-attention mode: invert them (or read
     # the cache) and find their masks; IP-Adapter mode: encode them into image tokens and split the keys.
-    mode = resolve_mode(sd, mode)
     if mode == "ip-adapter":
         method = dual_reference_ip.prepare(sd, prompts, content=content, style=style, subject=subject,
                                            content_mask=content_mask, style_mask=style_mask, switch_step=switch_step,
@@ -95,7 +110,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     generators = [torch.Generator().manual_seed(s) for s in seeds] if eta > 0 else []
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
-        x_in, context, hook = torch.cat([x, x]), text, None
+        x_in, context, hook = torch.cat([x, x]), text, image_prompt
         if method is not None:  # this step's stage decides the method's extra rows, text and attention hook
             late = i >= method.switch_step
             x_in, context, hook = method.step_inputs(i, late, x_in, context)
@@ -117,6 +132,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
                 model=(sd.source or {}).get("file", "unknown"), device=str(sd.device),
                 dtype=str(sd.dtype).replace("torch.", ""), timings=timings)
     masks = {}
+    if image_prompt is not None:
+        info["ip_adapter"] = ip_adapter.report(sd, ip_image, ip_scale)
     if method is not None:
         info["drp"] = {"mode": mode, **method.report()}
         masks = method.masks()
