@@ -235,3 +235,38 @@ def test_the_mode_is_chosen_by_the_weights_and_bad_requests_get_one_sentence(sd)
                        (dict(ip_image=content), "cannot be combined")):
         with pytest.raises(DrpError, match=match):
             run(sd, content=content, mode="ip-adapter", **(dict(subject="cat") | bad))
+
+
+def test_sample_py_says_the_mode_first_records_it_and_refuses_ip_adapter_without_its_files(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ip_checkpoints import adapter_file, save_adapter
+    from tiny import tiny_weights_dir
+
+    root = Path(__file__).resolve().parent.parent
+    weights = tiny_weights_dir(tmp_path / "weights")
+    args = ["--weights", weights, "--prompt", PROMPT, "--subject", "cat", "--content", root / "assets/chelsea.png",
+            "--style", root / "assets/starry_night.jpg", "--steps", "2", "--height", "64", "--width", "64",
+            "--no-progress", "--out", tmp_path / "out.png"]
+
+    def sample(*more):
+        return subprocess.run([sys.executable, str(root / "sample.py"), *map(str, args), *more], cwd=root,
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    refused = sample("--mode", "ip-adapter")
+    assert refused.returncode == 1 and refused.stdout == "" and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: --mode ip-adapter needs IP-Adapter's files")
+    assert "convert_weights.py --download ip-adapter" in refused.stderr and not (tmp_path / "out.png").exists()
+
+    convert(save_adapter(tmp_path / "h94" / "ip-adapter_sd15.safetensors", adapter_file("base", seed=2)), weights,
+            dtype="fp32", progress=False)
+    reference_encoder(seed=5).save_pretrained(tmp_path / "h94" / "image_encoder")
+    convert(tmp_path / "h94" / "image_encoder", weights, dtype="fp32", progress=False)
+    done = sample()  # --mode auto: the IP-Adapter files are there now
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("mode: ip-adapter")
+    text = Image.open(tmp_path / "out.png").text["parameters"]
+    assert "DRP mode: ip-adapter" in text and "DRP IP-Adapter: ip-adapter_sd15.safetensors" in text
