@@ -191,6 +191,9 @@ def checked_settings(args):
         raise DrpError(f"--num-images must be a whole number ≥ 1, got {args.num_images}.")
     if not 0 <= args.seed <= MAX_SEED:
         raise DrpError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}.")
+    if args.no_masks and (args.content_mask or args.style_mask):
+        raise DrpError("--no-masks gives every reference token to every query, so it cannot take --content-mask "
+                       "or --style-mask; drop the mask or --no-masks.")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("content", "style", "content_mask", "style_mask"):
