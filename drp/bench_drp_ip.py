@@ -55,7 +55,7 @@ def task_drp_ip(spec, device, dtype):
         style = Image.linear_gradient("L").resize((px, px)).convert("RGB")
     out = {}
 
-    start = time.perf_counter()  # on the CPU, in float32, as the method computes them
+    start = time.perf_counter()  # as the method computes them: float32, one thread on a CPU
     for name in sd.ip_adapter.layer_names:
         svd_keys.spectrum(sd.ip_adapter.key_weight(name))
     out["svd_seconds"] = time.perf_counter() - start
@@ -96,7 +96,7 @@ def rows(result, spec, row):
             out.append(row(f"DRP-IP step {s}×{s} ({stage}) / plain CFG step", t[stage], t["plain"],
                            note="ours, batch 2 with the IP-Adapter mode's hook vs batch 2"))
     out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
-                   note="once per loaded adapter, float32 on the CPU"))
+                   note="once per loaded adapter; float32, one thread on a CPU"))
     out.append(row(f"DRP-IP generation {px}×{px}, 50 steps: first run / self-attention mode's first run",
                    result["ip-adapter"]["extrapolated"], result["self-attention"]["extrapolated"],
                    note=f"{spec['steps']} steps run, extrapolated; self-attention inverts both references"))

@@ -215,7 +215,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                   floor=opts.floor, power=opts.power, scale_early=opts.scale_early, scale_late=opts.scale_late,
                   late=opts.late, C_bg=bg_prompts[0] if bg_prompts else None,
                   rank={n: s.k for n, s in splits.items()},
-                  spectrum={n: [round(float(x), 6) for x in s.sigma] for n, s in splits.items()})
+                  spectrum={n: [round(x, 6) for x in s.sigma.tolist()] for n, s in splits.items()})
     return DualReferenceIP(report["switch_step"], hooks, bg_context, report)
 
 

@@ -38,7 +38,7 @@ RANK_RULES = ("energy", "gd")
 
 @dataclass(frozen=True)
 class Spectrum:
-    """The thin SVD of one layer's key projection, float32 on the CPU: W = U diag(S) Vh."""
+    """The thin SVD of one layer's key projection, float32, on the weight's device: W = U diag(S) Vh."""
 
     U: torch.Tensor  # (d, r)
     S: torch.Tensor  # (r,) descending
@@ -56,9 +56,20 @@ class KeySplit:
 
 
 def spectrum(weight):
-    """The thin SVD of a (d, 768) weight in float32 (on the CPU: the same numbers on every device)."""
-    U, S, Vh = torch.linalg.svd(weight.detach().float().cpu(), full_matrices=False)
-    return Spectrum(U, S, Vh)
+    """The thin SVD of a (d, 768) weight in float32, on the weight's device.
+
+    On the CPU with one thread: LAPACK's threaded SVD of matrices this small is slower than one thread
+    (1.1 s against 0.45 s for 1280 × 768 on two cores), and many times slower on a busy machine.
+    """
+    w = weight.detach().float()
+    if w.device.type != "cpu":
+        return Spectrum(*torch.linalg.svd(w, full_matrices=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Spectrum(*torch.linalg.svd(w, full_matrices=False))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gavish_donoho_omega(beta):

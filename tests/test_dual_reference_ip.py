@@ -92,12 +92,20 @@ def state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}, set(vars(module))
 
 
-def test_no_reference_is_plain_text_to_image_bit_for_bit_and_a_run_leaves_nothing_on_the_model(sd):
+@pytest.fixture(scope="module")
+def both(sd):
+    """One run with both references and some knobs changed; the models' state from before it."""
     before = {name: state(getattr(sd, name)) for name in ("unet", "ip_adapter", "image_encoder")}
+    content, style = pictures()
+    result = run(sd, content=content, style=style, subject="cat", mode="ip-adapter", rank_rule="gd", scale_late=0.4)
+    return result, before
+
+
+def test_no_reference_is_plain_text_to_image_bit_for_bit_and_a_run_leaves_nothing_on_the_model(sd, both):
     plain = run(sd)
     assert "drp" not in plain.info
     assert torch.equal(run(sd, mode="ip-adapter").latents, plain.latents)
-    with_refs = run(sd, content=pictures()[0], style=pictures()[1], subject="cat", mode="ip-adapter")
+    with_refs, before = both
     assert not torch.equal(with_refs.latents, plain.latents)
     for name, (tensors, attributes) in before.items():
         after_tensors, after_attributes = state(getattr(sd, name))
@@ -203,9 +211,9 @@ def test_the_background_prompt_drops_the_subjects_words():
     assert dri.background_prompt("a catalogue and a cat", "cat") == "a catalogue and a"
 
 
-def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd, tmp_path):
+def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd, both, tmp_path):
     content, style = pictures()
-    result = run(sd, content=content, style=style, subject="cat", mode="ip-adapter", rank_rule="gd", scale_late=0.4)
+    result = both[0]
     report = result.info["drp"]
     layers = sd.ip_adapter.layer_names
     assert report["mode"] == "ip-adapter" and report["adapter"] == "IP-Adapter (base)"
