@@ -18,6 +18,8 @@ with other work slows both alike.
                 diffusers' from_pretrained, all three models held; at most 3 rounds, each a process;
                 warm (files in the page cache), then cold (dropped from it first; Linux, not tmpfs)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
+    ip-adapter  IP-Adapter: image encoder forward, the CFG step with the adapter and its share, loading the
+                encoder (only with --only ip-adapter; drp/bench_ip_adapter.py)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
 number of steps and nothing else does, so total(50) = total(k) + unet_time(k) × (50/k − 1).
@@ -45,7 +47,8 @@ from .model_io import MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile"]
+TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter"]
+OPT_IN = ("compile", "ip-adapter")  # measured only when asked for (--compile, --only ip-adapter)
 
 
 # ---- the parent: plan, run the children one at a time, report -----------------------------------------
@@ -188,6 +191,10 @@ def measure(args, spec, workdir, configs, say):
             ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds", cold=cold)
             rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
                             note="files dropped from the page cache first" if cold else "warm page cache", **peaks))
+    if "ip-adapter" in tasks:
+        from . import bench_ip_adapter
+
+        rows += bench_ip_adapter.measure(spec, child, ours_then_reference, row, args.repeats)
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -304,7 +311,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each call (after one warm-up)")
     p.add_argument("--quick", action="store_true", help="a run of a few minutes: 256 px (32×32 latents), 2 repeats")
-    p.add_argument("--only", default=",".join(t for t in TASKS if t != "compile"),
+    p.add_argument("--only", default=",".join(t for t in TASKS if t not in OPT_IN),
                    help=f"comma-separated measurements among {','.join(TASKS)}")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet")
     p.add_argument("--json", default="bench.json", help="where to write the report as JSON")
@@ -352,9 +359,15 @@ def main(argv=None):
             if not (workdir / "weights" / "model.json").is_file():
                 print(f"writing random {'tiny' if args.tiny else 'SD 1.5'} weights into {workdir} …", flush=True)
                 write_random_folders(workdir, configs)
+            if "ip-adapter" in args.only and not (workdir / "weights" / "image_encoder.json").is_file():
+                from .bench_ip_adapter import write_random_ip_files
+
+                print("writing a random IP-Adapter and image encoder …", flush=True)
+                write_random_ip_files(workdir, configs["unet"], args.tiny)
             spec = {"weights": str(workdir / "weights"), "source": str(workdir / "diffusers"),
                     "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps,
                     "repeats": args.repeats, "tiny": args.tiny, "reference": reference,
+                    "ip_source": str(workdir / "ip-source"),
                     "unet_sizes": sorted({32, args.size // 8})}
             measured = measure(args, spec, workdir, configs, lambda s: print(s, flush=True))
         finally:
