@@ -197,8 +197,9 @@ def test_cli_download_fetches_the_adapter_and_encoder_from_h94_then_converts(fil
 
     out, fetched = folder(files, tmp_path), []
 
-    def fake_download(url, dest, progress=True):
+    def fake_download(url, dest, progress=True, sha256=None):
         fetched.append(url)
+        assert (sha256 is not None) == url.endswith("image_encoder/model.safetensors")  # the one pinned hash
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(files[1] / url.removeprefix(cia.REPO + "models/"), dest)
         return Path(dest)
