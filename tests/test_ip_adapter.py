@@ -202,3 +202,33 @@ def test_several_pictures_share_one_softmax_and_own_key_weights_replace_the_adap
     w = torch.randn_like(adapter.key_weight(name))
     own = DecoupledCrossAttention(adapter, [ImageGroup(a, 1.0, key_weights={name: w})])(attn, q, k, v, call)
     assert torch.allclose(own, attend(q, k, v) + term(a, w), atol=1e-6)
+
+
+def load_sample_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sample", Path(__file__).resolve().parent.parent / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_cli_prompts_with_images_and_a_per_block_scale_and_records_them(world, tmp_path, capsys):
+    sample = load_sample_module()
+    sd = with_adapter(world, tmp_path, "plus", ".safetensors")
+    for k, picture in enumerate(world[3]):
+        picture.save(tmp_path / f"ref{k}.png")
+    quick = ["--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--prompt", "a fox"]
+    args = ["--weights", str(sd.folder), *quick, "--ip-image", str(tmp_path / "ref0.png"), "--ip-image",
+            str(tmp_path / "ref1.png"), "--ip-scale", "up_blocks.1=1,mid_block=0.5", "--out", str(tmp_path / "x.png")]
+    assert sample.main(args) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "x.png").text["parameters"].endswith(
+        'IP-Adapter: ip-adapter-plus_sd15, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0, \\"mid_block\\": 0.5}", '
+        "IP-Adapter images: ref0.png | ref1.png")
+    missing = ["--weights", str(world[2]), *quick, "--ip-image", str(tmp_path / "ref0.png"), "--out", str(tmp_path / "y.png")]
+    assert sample.main(missing) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ip-image needs IP-Adapter's files") and \
+        "`python convert_weights.py --download ip-adapter`" in err[0]
+    assert not (tmp_path / "y.png").exists()

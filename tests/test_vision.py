@@ -3,6 +3,7 @@ the real sizes, and loads their files by name (DINO's through its two key maps).
 
 import gc
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,12 +54,18 @@ def random_reference(model_class, config, seed, **kwargs):
 
 
 def load_encoder_folder(folder):
-    """An image-encoder folder in the published layout (config.json + model.safetensors) -> our model.
-    The step that drp's converter (the IP-Adapter work) takes over."""
-    cfg = VisionConfig.from_transformers(json.loads((folder / "config.json").read_text()))
-    with torch.device("meta"):
-        model = VisionTransformer(cfg)
-    return load_state(model, load_file(str(folder / "model.safetensors"))).eval()
+    """An image-encoder folder in the published layout (config.json + model.safetensors) -> our model, the
+    way a user gets it: through drp's converter (convert_weights.py) into a weights folder, then read back
+    as drp.load does (`sd.image_encoder`)."""
+    from drp.convert import convert
+    from drp.model_io import load_ip_component
+
+    out = folder.parent / f"{folder.name}-converted"
+    convert(folder, out, dtype="fp32", progress=False)
+    try:
+        return load_ip_component("image_encoder", out, None, torch.device("cpu"), torch.float32)
+    finally:  # pytest keeps the last runs' tmp folders: do not leave gigabytes there
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def pixels(batch, seed, size=224):
