@@ -7,7 +7,9 @@
     result.images[0].save("out.png")
 
 Reading order: tokenizer, clip, attention, unet, vae, ddim, sampling, pipeline, dual_reference (then masks,
-entropy, cache), and the plumbing: convert/keymaps, model_io, images, report, devices, png_info.
+entropy, cache), and the plumbing: convert/keymaps, model_io, images, report, devices, png_info. The
+paper's mode on IP-Adapter: vision, ip_adapter, then dual_reference_ip (with svd_keys; what both modes
+share is in method_common).
 """
 
 from .errors import DrpError
