@@ -126,10 +126,10 @@ def check_options(opts):
 
 
 def reference_tokens(sd, images):
-    """{kind: image tokens (1, T, 768)} of the references, one encoder pass; and the unconditional tokens."""
+    """{kind: image tokens (1, T, 768)} of the references (PIL pictures), one encoder pass; and the
+    unconditional tokens (1, T, 768)."""
     kinds = list(images)
-    pixels = clip_pixels([load_image(images[k], f"{k} reference") for k in kinds],
-                         size=sd.image_encoder.cfg.image_size)  # (R, 3, 224, 224)
+    pixels = clip_pixels([images[k] for k in kinds], size=sd.image_encoder.cfg.image_size)  # (R, 3, 224, 224)
     tokens = sd.ip_adapter.image_tokens(sd.image_encoder, pixels)  # (R, T, 768)
     return {k: tokens[j : j + 1] for j, k in enumerate(kinds)}, sd.ip_adapter.uncond_tokens(sd.image_encoder)
 
@@ -178,11 +178,11 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
 
     start = time.perf_counter()
     adapter, batch = sd.ip_adapter, len(prompts)
-    images = {k: v for k, v in (("content", content), ("style", style)) if v is not None}
+    images = {k: load_image(v, f"{k} reference") for k, v in (("content", content), ("style", style)) if v is not None}
     tokens, uncond = reference_tokens(sd, images)
+    # each reference's tokens for the UNet rows: 'no image' for the unconditional rows, then its own
     rows = {k: torch.cat([uncond.expand(batch, -1, -1), t.expand(batch, -1, -1)]) for k, t in tokens.items()}
-    h = {k: entropy.image_entropy(load_image(images[k], f"{k} reference")) if k in images else None
-         for k in ("content", "style")}
+    h = {k: entropy.image_entropy(images[k]) if k in images else None for k in ("content", "style")}
     if timings is not None:
         timings["references"] = time.perf_counter() - start
 
