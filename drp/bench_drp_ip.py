@@ -1,13 +1,15 @@
-"""`python -m drp.bench --only drp-ip`: the cost of DRP-Diff's IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B2).
+"""`python -m drp.bench --only drp-ip,drp-ip-first`: the cost of DRP-Diff's IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B2).
 
-One child process (drp/bench_tasks.py runs it) holds our SD from the benchmark's random folder, a random
-IP-Adapter with SD 1.5's shapes and a random CLIP ViT-H/14 image encoder (`--tiny`: their tiny configs),
-built in memory: their values change no timing. It measures
+Two child processes (drp/bench_tasks.py runs them) hold our SD from the benchmark's random folder, a
+random IP-Adapter with SD 1.5's shapes and a random image encoder (`--tiny`: their tiny configs), built in
+memory: their values change no timing. They measure
 
+  drp-ip (a small encoder: a step does not run it)
     step     one IP-mode DRP step (batch 2 with the stage's hook: 16 attn2 layers with a second softmax
              over both references' tokens) next to a plain CFG step, at each benchmark latent size;
              issue 12's target: ≤ 1.15× (the self-attention mode's step costs ~2×)
     svd      the 16 SVDs of the adapter's key projections, once per loaded adapter
+  drp-ip-first (CLIP ViT-H/14, as the mode runs it)
     first    the whole first run with both references in each mode, same prompt and pictures:
              IP-Adapter (encoder, SVDs, batch-2 sampling) vs self-attention (two inversions, batch-4
              sampling), `steps` run and extrapolated to 50 like the other generation rows
@@ -21,13 +23,16 @@ import torch
 STAGES = ("early", "late")
 
 
-def random_ip_components(sd, tiny, dtype):
-    """A random IP-Adapter that fits `sd.unet` and a random image encoder, set on `sd`."""
+def random_ip_components(sd, tiny, dtype, small_encoder=False):
+    """A random IP-Adapter that fits `sd.unet` and a random image encoder, set on `sd`. `small_encoder`: a
+    tiny encoder with ViT-H/14's output width, for measurements that do not time the encoder."""
     from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
     from .vision import VisionConfig, VisionTransformer
 
     layers = tuple(attn2_layers(sd.unet.cfg).items())
     encoder_cfg = VisionConfig.tiny() if tiny else VisionConfig.vit_h14()
+    if small_encoder:
+        encoder_cfg = VisionConfig.tiny(projection_dim=encoder_cfg.projection_dim)
     adapter_cfg = IPAdapterConfig(image_dim=encoder_cfg.projection_dim, context_dim=sd.unet.cfg.context_dim,
                                   layers=layers)
     torch.manual_seed(0)
@@ -39,20 +44,26 @@ def random_ip_components(sd, tiny, dtype):
     sd.image_encoder = encoder.to(sd.device, dtype).eval().requires_grad_(False)
 
 
-def task_drp_ip(spec, device, dtype):
+def pictures(px):
     from PIL import Image
 
-    from . import dual_reference_ip, svd_keys
-    from .bench_tasks import ASSETS, PROMPT, UNetTimer, alternate, clock, extrapolate, load_ours
-    from .pipeline import generate
+    from .bench_tasks import ASSETS
 
-    sd = load_ours(spec, dtype)
-    random_ip_components(sd, spec["tiny"], dtype)
-    px, steps = spec["size"], spec["steps"]
     content, style = ASSETS / "chelsea.png", ASSETS / "starry_night.jpg"
     if not (content.is_file() and style.is_file()):  # outside a checkout: two made-up pictures
         content = Image.effect_mandelbrot((px, px), (-2, -1.5, 1, 1.5), 100).convert("RGB")
         style = Image.linear_gradient("L").resize((px, px)).convert("RGB")
+    return content, style
+
+
+def task_drp_ip(spec, device, dtype):
+    """The step and the SVDs (a small encoder: its cost is not part of a step)."""
+    from . import dual_reference_ip, svd_keys
+    from .bench_tasks import PROMPT, alternate, load_ours
+
+    sd = load_ours(spec, dtype)
+    random_ip_components(sd, spec["tiny"], dtype, small_encoder=True)
+    content, style = pictures(spec["size"])
     out = {}
 
     start = time.perf_counter()  # as the method computes them: float32, one thread on a CPU
@@ -60,8 +71,8 @@ def task_drp_ip(spec, device, dtype):
         svd_keys.spectrum(sd.ip_adapter.key_weight(name))
     out["svd_seconds"] = time.perf_counter() - start
 
-    method = dual_reference_ip.prepare(sd, [PROMPT], content=content, style=style, subject="cat", steps=steps,
-                                       progress=False)
+    method = dual_reference_ip.prepare(sd, [PROMPT], content=content, style=style, subject="cat",
+                                       steps=spec["steps"], progress=False)
     for s in spec["unet_sizes"]:
         g = torch.Generator().manual_seed(s)
         x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
@@ -73,6 +84,19 @@ def task_drp_ip(spec, device, dtype):
         warmup = 1 if s == min(spec["unet_sizes"]) or device.type == "cuda" else 0
         out[str(s)] = alternate(calls, device, spec["repeats"], warmup=warmup)
 
+    return out
+
+
+def task_drp_ip_first(spec, device, dtype):
+    """The whole first run with both references in each mode (the real encoder: its pass is part of it)."""
+    from .bench_tasks import PROMPT, UNetTimer, clock, extrapolate, load_ours
+    from .pipeline import generate
+
+    sd = load_ours(spec, dtype)
+    random_ip_components(sd, spec["tiny"], dtype)
+    px, steps = spec["size"], spec["steps"]
+    content, style = pictures(px)
+    out = {}
     timer = UNetTimer(sd.unet, device)
     with tempfile.TemporaryDirectory() as cache_dir:
         for mode in ("ip-adapter", "self-attention"):
@@ -87,17 +111,20 @@ def task_drp_ip(spec, device, dtype):
     return out
 
 
-def rows(result, spec, row):
-    """The report's rows of this measurement (`row` is drp.bench's row maker)."""
+def rows(result, first, spec, row):
+    """The report's rows of the two measurements (`row` is drp.bench's row maker); either may be None."""
     px, out = spec["size"], []
-    for s in spec["unet_sizes"]:
+    for s in spec["unet_sizes"] if result else []:
         t = result[str(s)]
         for stage in STAGES:
             out.append(row(f"DRP-IP step {s}×{s} ({stage}) / plain CFG step", t[stage], t["plain"],
                            note="ours, batch 2 with the IP-Adapter mode's hook vs batch 2"))
-    out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
-                   note="once per loaded adapter; float32, one thread on a CPU"))
-    out.append(row(f"DRP-IP generation {px}×{px}, 50 steps: first run / self-attention mode's first run",
-                   result["ip-adapter"]["extrapolated"], result["self-attention"]["extrapolated"],
-                   note=f"{spec['steps']} steps run, extrapolated; self-attention inverts both references"))
+    if result:
+        out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
+                       note="once per loaded adapter; float32, one thread on a CPU"))
+    if first is not None:
+        out.append(row(f"DRP-IP generation {px}×{px}, 50 steps: first run / self-attention mode's first run",
+                       first["ip-adapter"]["extrapolated"], first["self-attention"]["extrapolated"],
+                       note=f"{spec['steps']} steps run, extrapolated; self-attention inverts both references",
+                       peak_gib=first.get("peak_rss_gib")))
     return out

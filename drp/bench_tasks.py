@@ -449,9 +449,15 @@ def task_drp_ip(spec, device, dtype):  # DRP-Diff's IP-Adapter mode has its own 
     return task_drp_ip(spec, device, dtype)
 
 
+def task_drp_ip_first(spec, device, dtype):
+    from .bench_drp_ip import task_drp_ip_first
+
+    return task_drp_ip_first(spec, device, dtype)
+
+
 TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_vae, "text": task_text,
                   "attention": task_attention, "generate": task_generate, "drp": task_drp, "load": task_load,
-                  "compile": task_compile, "drp-ip": task_drp_ip}
+                  "compile": task_compile, "drp-ip": task_drp_ip, "drp-ip-first": task_drp_ip_first}
 
 
 def task_function(name):
