@@ -35,7 +35,7 @@ from ..download import download
 from ..errors import DrpError
 
 REPOSITORY = "google/dreambooth"
-COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the last commit of the dataset's repository
+COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the commit the project's lists were taken from
 TREE_URL = f"https://api.github.com/repos/{REPOSITORY}/git/trees/{COMMIT}?recursive=1"
 RAW_URL = f"https://raw.githubusercontent.com/{REPOSITORY}/{COMMIT}/"
 TREE_ENV, RAW_ENV = "DRP_DREAMBENCH_TREE_URL", "DRP_DREAMBENCH_RAW_URL"
@@ -76,6 +76,7 @@ def read_listing(out, tree_url, timeout):
     if tree.get("truncated") or not any(f["path"].endswith("prompts_and_classes.txt") for f in files):
         raise DrpError(f"{tree_url} did not list DreamBench's dataset/ folder; pass --tree-url with the "
                        f"git-trees listing of {REPOSITORY} at commit {COMMIT}.")
+    out.mkdir(parents=True, exist_ok=True)
     tmp = kept.with_name(kept.name + ".tmp")
     tmp.write_text(json.dumps(files, indent=1))
     os.replace(tmp, kept)
@@ -116,7 +117,6 @@ def fetch_file(url, dest, entry, timeout):
 def download_dreambench(out, tree_url=None, raw_url=None, progress=True, timeout=TIMEOUT_S):
     """Downloads (or completes) DreamBench into `out`; returns the number of files fetched this time."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tree_url = tree_url or os.environ.get(TREE_ENV) or TREE_URL
     raw_url = raw_url or os.environ.get(RAW_ENV) or RAW_URL
     files = read_listing(out, tree_url, timeout)

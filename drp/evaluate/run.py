@@ -120,7 +120,10 @@ def generate_kwargs(item, cfg, data, style_dir):
     return kwargs
 
 
-def write_json(path, text):
+def write_text(path, text):
+    """Write `text` to `path` through a temporary file; a file that already holds it is left untouched."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -185,8 +188,8 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
         if ranks.main:
             (out / "images").mkdir(parents=True, exist_ok=True)
-            write_json(out / "config.json", json.dumps(cfg, indent=1) + "\n")
-            write_json(out / "items.jsonl", "".join(json.dumps(asdict(i)) + "\n" for i in items))
+            write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")
+            write_text(out / "items.jsonl", "".join(json.dumps(asdict(i)) + "\n" for i in items))
         R.barrier(ranks)
         mine = items[ranks.rank :: ranks.world]
         todo = pending(mine, out, cfg)
