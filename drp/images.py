@@ -40,8 +40,8 @@ def load_image(image, what="image"):
         arr = np.asarray(img, dtype=np.float64)
         arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
         img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")  # composite transparency onto white, the way viewers show it
+    if "A" in img.getbands() or img.info.get("transparency") is not None:  # alpha, or a transparent colour
+        img = img.convert("RGBA")  # composite onto white, the way viewers show it (and transformers does)
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
