@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from ..errors import DrpError
 from ..images import load_image
@@ -71,8 +71,7 @@ def table(summaries):
 
 
 def thumbnail(path):
-    img = load_image(path).copy()
-    img.thumbnail((THUMB, THUMB), Image.BICUBIC)
+    img = ImageOps.contain(load_image(path), (THUMB, THUMB), Image.BICUBIC)  # up or down to fit the tile
     tile = Image.new("RGB", (THUMB, THUMB), "white")
     tile.paste(img, ((THUMB - img.width) // 2, (THUMB - img.height) // 2))
     return tile
