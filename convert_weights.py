@@ -3,9 +3,14 @@
     python convert_weights.py --download                       # fetch SD 1.5, then convert it
     python convert_weights.py v1-5-pruned-emaonly.safetensors  # a single file (.safetensors or .ckpt)
     python convert_weights.py path/to/stable-diffusion-v1-5    # a diffusers folder
+    python convert_weights.py --download ip-adapter            # add IP-Adapter (or ip-adapter-plus) and its encoder
+    python convert_weights.py ip-adapter_sd15.safetensors      # add an IP-Adapter file (.safetensors or .bin)
+    python convert_weights.py path/to/models/image_encoder     # add the CLIP image encoder IP-Adapter reads
 
 The folder then holds unet.safetensors, vae.safetensors, text_encoder.safetensors and model.json,
-which `drp.load()` reads. See drp/convert.py for what is checked along the way.
+which `drp.load()` reads. See drp/convert.py for what is checked along the way. IP-Adapter files add
+ip_adapter.safetensors / image_encoder.safetensors (+ their JSON) to the same folder without --force
+(drp/convert_ip_adapter.py); `--download ip-adapter` keeps the fetched files in DIR/h94-IP-Adapter/.
 
 `--download` saves the checkpoint as DIR/<file name of the URL>, i.e. weights/v1-5-pruned-emaonly.safetensors
 (SRC, if given, names another place), and keeps it after converting; an existing complete file is not
@@ -30,9 +35,11 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                         help="number format of the written files (default: fp16, half the size)")
     parser.add_argument("--force", action="store_true", help="replace weights already converted in DIR")
-    parser.add_argument("--download", action="store_true",
+    parser.add_argument("--download", nargs="?", const="sd15", choices=["sd15", "ip-adapter", "ip-adapter-plus"],
                         help="first download the public SD 1.5 single file (about 4 GB; an existing "
-                             "complete file is reused, an interrupted download resumed), then convert it")
+                             "complete file is reused, an interrupted download resumed), then convert it; "
+                             "`--download ip-adapter` (or ip-adapter-plus) fetches h94/IP-Adapter's SD 1.5 "
+                             "adapter and image encoder instead and adds them to DIR")
     parser.add_argument("--url", help="address to download from (default: $DRP_WEIGHTS_URL, else the "
                                       "stable-diffusion-v1-5 file on Hugging Face)")
     args = parser.parse_args(argv)
@@ -40,11 +47,20 @@ def main(argv=None):
         parser.error("give SRC (a checkpoint file or diffusers folder) or --download")
     if args.url and not args.download:
         parser.error("--url only makes sense with --download")
+    if args.url and args.download != "sd15":
+        parser.error("--url names the SD 1.5 file; the IP-Adapter files come from h94/IP-Adapter")
 
     try:
         from drp.convert import check_can_write, convert
 
         src = args.src
+        if args.download in ("ip-adapter", "ip-adapter-plus"):
+            from drp.convert_ip_adapter import download_and_convert
+
+            written = download_and_convert(args.download, args.out, args.dtype, args.force, progress=True)
+            for path in written:
+                print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            return 0
         if args.download:
             from drp.download import download, weights_url
 

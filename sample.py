@@ -3,6 +3,7 @@
     python sample.py                                           # the demo (see DEMO below)
     python sample.py --prompt "a lighthouse at dusk" --seed 7 --out lighthouse.png
     python sample.py --prompt "a cat on a beach" --content cat.jpg --subject cat --style painting.jpg
+    python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
 
 The settings, files and folders are checked before the weights are loaded, so a mistake costs no time:
 it is reported as one line `error: …` on stderr, the exit status is 1, and nothing is written. Each image is saved as a
@@ -22,7 +23,7 @@ from drp.devices import resolve_device, resolve_dtype
 from drp.dual_reference import Options
 from drp.errors import DrpError
 from drp.images import load_image
-from drp.pipeline import check_settings
+from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
 
@@ -41,6 +42,18 @@ def number(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def ip_scale(text):
+    """argparse type: a number, or BLOCK=NUMBER pairs separated by commas (a per-block scale)."""
+    try:
+        return number(text)
+    except ValueError:
+        pass
+    pairs = [part.partition("=") for part in text.split(",")]
+    if not all(eq and block.strip() for block, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor BLOCK=NUMBER pairs")
+    return {block.strip(): number(value) for block, _, value in pairs}
 
 
 def parse_args(argv=None):
@@ -83,6 +96,14 @@ def parse_args(argv=None):
                    help="comma-separated UNet blocks whose self-attention sees the references (default: %(default)s)")
     d.add_argument("--style-caption", default="", metavar="TEXT", help="caption to invert --style with (default: none)")
 
+    i = p.add_argument_group("IP-Adapter image prompt (after `python convert_weights.py --download ip-adapter`)")
+    i.add_argument("--ip-image", action="append", metavar="IMG",
+                   help="a picture to prompt with; repeat for several (they share one attention)")
+    i.add_argument("--ip-scale", type=ip_scale, default=0.6, metavar="S",
+                   help="how strongly the picture counts: a number (default: %(default)s), or per block, "
+                        "e.g. up_blocks.1=1.0 (style only) or down_blocks.2=1,mid_block=1 (layout); "
+                        "blocks not named get 0")
+
     o = p.add_argument_group("output and machine")
     o.add_argument("--out", metavar="PATH", help=f"a folder (images named <seed>.png) or a file x.png "
                                                  f"(x-0.png, x-1.png, … for several; default: {DEFAULT_OUT}/)")
@@ -102,6 +123,9 @@ def parse_args(argv=None):
 def with_demo(args):
     """Without --prompt, the demo: its prompt, and its subject and references where none were given."""
     if args.prompt is not None:
+        return False
+    if args.ip_image:  # an image prompt alone: the picture's variations
+        args.prompt = ""
         return False
     args.prompt = DEMO["prompt"]
     for name in ("subject", "content", "style"):
@@ -150,6 +174,13 @@ def checked_settings(args):
         if getattr(args, name) is not None:
             what = name.replace("_", " ") if name.endswith("mask") else f"{name} image"
             load_image(getattr(args, name), what)  # unreadable, empty or huge -> DrpError
+    for image in args.ip_image or []:
+        load_image(image, "IP-Adapter image")
+    if args.ip_image:
+        missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
+        if missing:
+            raise DrpError(f"--ip-image needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
+                           "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
@@ -165,6 +196,7 @@ def generate_settings(args):
         width=args.width, seed=args.seed, eta=args.eta, num_images=args.num_images, progress=not args.no_progress,
         content=args.content, style=args.style, subject=args.subject, content_mask=args.content_mask,
         style_mask=args.style_mask, switch_step=args.switch_step, tiled_decode=args.tiled_decode,
+        ip_image=args.ip_image, ip_scale=args.ip_scale,
         # DRP-Diff's options (drp/dual_reference.py, Options)
         layers=args.layers, use_masks=not args.no_masks, fixed_switch=args.fixed_switch,
         style_caption=args.style_caption, cache_dir=args.cache_dir, use_cache=not args.no_cache,

@@ -337,12 +337,20 @@ def check_can_write(out, force):
 
 
 def convert(src, out="weights", dtype="fp16", force=False, progress=True):
-    """Converts the checkpoint file or diffusers folder `src` into `out`; returns the paths written."""
+    """Converts the checkpoint file or diffusers folder `src` into `out`; returns the paths written.
+
+    An IP-Adapter file or image-encoder folder is added to `out` instead (drp/convert_ip_adapter.py).
+    """
     src, out = Path(src), Path(out)
     if dtype not in OUT_DTYPES:
         raise DrpError(f"unknown output dtype {dtype!r}; choose fp16 or fp32.")
     if not src.exists():
         raise DrpError(f"{src} does not exist; give the path of an SD 1.x checkpoint file or diffusers folder.")
+    from .convert_ip_adapter import convert_component  # IP-Adapter's files are added next to the SD weights
+
+    added = convert_component(src, out, dtype, force, progress)
+    if added is not None:
+        return added
     outputs = check_can_write(out, force)
     if src.is_dir():
         if (src / "model.json").is_file() and (src / "unet.safetensors").is_file():

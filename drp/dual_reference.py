@@ -12,8 +12,10 @@ are at hand. The hook of each step then lets the generated rows see a chosen par
                             background queries see [own ; style background]
 
 Reference tokens are *gathered* by mask (fewer keys, one dense attention call), never masked with
-−∞. Masks come from the model itself (`drp/masks.py`), the switch step N_e from the references'
-entropies (`drp/entropy.py`). Nothing is stored on the model: each step gets a fresh hook object.
+−∞. The inversion and caption encoding are the sampler's (`drp/sampling.py`), masks come from the
+model itself (`drp/masks.py`), the switch step N_e from the references' entropies (`drp/entropy.py`).
+The loop (`drp/pipeline.py`) imports this file; this file never imports the loop. Nothing is stored
+on the model: each step gets a fresh hook object.
 """
 
 import math
@@ -29,6 +31,7 @@ from . import cache, entropy, masks
 from .attention import attend, attention_probs
 from .errors import DrpError
 from .images import fit, load_image, load_mask
+from .sampling import encode_text, invert
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,6 @@ class Reference:
 
 def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress):
     """Invert (or read from the cache) one reference and find its foreground."""
-    from .pipeline import encode_text, invert  # the pipeline imports this module lazily, and we it
-
     img = load_image(image, f"{kind} reference")
     fitted = fit(img, width, height)
     weights_id = (sd.source or {}).get("sha256")
@@ -160,6 +161,10 @@ class DualReference:
 
     def hook(self, i, late):
         return StepHook(self, i, late)
+
+    def step_inputs(self, i, late, x_in, text):
+        """The UNet's input, text and hook at step i: the replayed reference rows join the batch."""
+        return torch.cat([x_in, self.latents_at(i)]), torch.cat([text, self.context]), self.hook(i, late)
 
     def tokens(self, kind, part, hw):
         """Indices of a reference's foreground ("fg") or background ("bg") tokens at grid hw."""

@@ -30,8 +30,9 @@ without its key map: our names are those of the files.
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -66,16 +67,45 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     source: dict  # model.json's "source": file, layout, sha256, dtype of the files
+    folder: Optional[Path] = None  # the converted folder; IP-Adapter's components are read from it on first use
+    components: dict = field(default_factory=dict, repr=False)  # the optional components loaded (or set) so far
+
+    # IP-Adapter's two components (drp/convert_ip_adapter.py adds them to the folder): None when not
+    # converted, read only when first asked for, so that plain text-to-image never reads them.
+    @property
+    def image_encoder(self):
+        return self.component("image_encoder")
+
+    @image_encoder.setter
+    def image_encoder(self, model):
+        self.components["image_encoder"] = model
+
+    @property
+    def ip_adapter(self):
+        return self.component("ip_adapter")
+
+    @ip_adapter.setter
+    def ip_adapter(self, model):
+        self.components["ip_adapter"] = model
+
+    def component(self, name):
+        if name not in self.components:
+            self.components[name] = load_ip_component(name, self.folder, self.unet, self.device, self.dtype)
+        return self.components[name]
 
 
 def build_on_meta(component, cfg):
-    """The model of `component` with the shapes of `cfg`, no storage, and nothing initialised.
+    """The model of `component` with the shapes of `cfg`, no storage, and nothing initialised."""
+    return build_module_on_meta(MODELS[component][0], cfg)
+
+
+def build_module_on_meta(cls, cfg):
+    """`cls(cfg)` with no storage and nothing initialised.
 
     On the meta device an initialiser has nothing to fill, but it still runs, and the first `normal_`
     there (nn.Embedding's) takes 2.5 s: it imports torch._dynamo. So torch.nn.init's functions do
     nothing while the model is built; every value comes from the file.
     """
-    cls = MODELS[component][0]
     initialisers = {name: f for name, f in vars(nn.init).items() if name.endswith("_") and not name.startswith("_")}
     try:
         for name in initialisers:
@@ -145,19 +175,20 @@ def read_tensors(path, device, dtype, lookup_tables=()):
     return tensors
 
 
-def load_model(component, cfg, path, device, dtype):
+def load_model(component, cfg, path, device, dtype, cls=None, how_to_get=HOW_TO_GET):
     """One model from its file: built on meta, each tensor read, cast and moved once, then assigned."""
-    model = build_on_meta(component, cfg)
+    model = build_module_on_meta(cls or MODELS[component][0], cfg)
     try:
         state = read_tensors(path, device, dtype, getattr(model, "lookup_tables", ()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise DrpError(f"{path} cannot be read ({e}); convert the weights again: {HOW_TO_GET}.") from None
+        raise DrpError(f"{path} cannot be read ({e}); convert the weights again: {how_to_get}.") from None
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise DrpError(f"{path} does not fit the {component} described in model.json ({first}); "
-                       f"convert the weights again: {HOW_TO_GET}.") from None
+        described = "model.json" if cls is None else Path(path).with_suffix(".json").name
+        raise DrpError(f"{path} does not fit the {component} described in {described} ({first}); "
+                       f"convert the weights again: {how_to_get}.") from None
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # a tensor the file cannot hold (e.g. a non-persistent buffer): a bug in the model
         raise RuntimeError(f"{component} was loaded without a value for {leftover[0]}")
@@ -187,4 +218,30 @@ def load(path="weights", device=None, dtype=None):
         device=device,
         dtype=dtype,
         source=info["source"],
+        folder=folder,
     )
+
+
+GET_IP_ADAPTER = "get them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus)"
+
+
+def load_ip_component(name, folder, unet, device, dtype):
+    """IP-Adapter's `ip_adapter` or `image_encoder` from `folder`, or None when it was not converted there."""
+    from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
+    from .vision import VisionConfig, VisionTransformer
+
+    meta = None if folder is None else Path(folder) / f"{name}.json"
+    if meta is None or not meta.is_file():
+        return None
+    cls, cfg_cls = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}[name]
+    try:
+        cfg = cfg_cls(**json.loads(meta.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DrpError(f"{meta} was not written by this version of drp ({e}); convert it again: "
+                       f"{GET_IP_ADAPTER}.") from None
+    if name == "ip_adapter" and dict(cfg.layers) != attn2_layers(unet.cfg):
+        raise DrpError(f"the IP-Adapter in {folder} was made for another UNet than the one there; "
+                       f"convert it again next to these weights: {GET_IP_ADAPTER}.")
+    model = load_model(name, cfg, meta.with_suffix(".safetensors"), device, dtype, cls, GET_IP_ADAPTER)
+    model.source = json.loads(meta.read_text()).get("source", {})  # which file it came from, for the report
+    return model

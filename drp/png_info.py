@@ -11,7 +11,8 @@ named `parameters`:
 Line 1 is the prompt, line 2 (only when there is one) the negative prompt, the last line `key: value`
 pairs separated by ", ". Size is width x height. A value holding a comma, a colon or a newline is
 written as a JSON string, as the web UI does, so the line still splits cleanly. DRP-Diff's settings are
-appended as further pairs (`DRP switch step: 23`, …).
+appended as further pairs (`DRP switch step: 23`, …), an image prompt's as `IP-Adapter: ip-adapter_sd15,
+IP-Adapter scale: 0.6, IP-Adapter images: cat.png`.
 
 The file holds nothing that changes from run to run (no time stamp), so the same seed and settings give
 the same bytes.
@@ -72,6 +73,11 @@ def parameters_text(info, index=0):
         fields["Eta"] = info["eta"]
     if info.get("tiled_decode"):  # changes the pixels a little: needed to make the same image again
         fields["Tiled decode"] = "True"
+    ip = info.get("ip_adapter")
+    if ip:  # the web UIs' ControlNet extension names it similarly; a per-block scale is written as JSON
+        fields["IP-Adapter"] = _model_name(ip["file"])
+        fields["IP-Adapter scale"] = ip["scale"] if isinstance(ip["scale"], (int, float)) else json.dumps(ip["scale"])
+        fields["IP-Adapter images"] = " | ".join(ip["images"])
     drp = info.get("drp") or {}
     fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None})
     lines.append(", ".join(f"{key}: {_value(v)}" for key, v in fields.items()))
