@@ -153,3 +153,23 @@ def test_bad_input_is_one_sentence_and_leaves_the_run_folder_untouched(alone, we
     (foreign / "thesis.txt").write_text("mine")
     err = one_line_error(capsys, ["run", *SETTINGS, "--weights", str(weights), "--out", str(foreign)])
     assert "holds no run of drp.evaluate" in err and sorted(os.listdir(foreign)) == ["thesis.txt"]
+
+
+def test_drp_mode_gives_the_references_to_generate_and_resumes(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DRP_CACHE_DIR", str(tmp_path / "cache"))  # the references' inversions
+    one = ["--bench", "dual", "--data", str(DATA), "--subjects", "cat", "--prompts", "1", "--images-per-prompt", "1",
+           "--limit", "1", "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "fp32",
+           "--no-progress", "--weights", str(weights)]
+    assert run_alone(["run", *one, "--out", str(tmp_path / "drp"), "--mode", "auto"]) == 0
+    assert run_alone(["run", *one, "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "drp" / "config.json").read_text())["mode"] == "self-attention"  # no IP-Adapter
+    image = tmp_path / "drp" / "images" / "cat-shipwreck-00-00.png"
+    text = Image.open(image).info["parameters"]
+    assert ("DRP subject: cat, DRP content: dataset/cat/00.jpg, DRP style: shipwreck.jpg, DRP mode: self-attention"
+            in text)
+    assert not np.array_equal(pixels(image), pixels(tmp_path / "plain" / "images" / image.name))  # same seed
+    capsys.readouterr()
+    assert run_alone(["run", *one, "--out", str(tmp_path / "drp"), "--mode", "self-attention"]) == 0
+    assert "rank 0 of 1: 0 made, 1 already there" in capsys.readouterr().out
+    err = one_line_error(capsys, ["run", *one, "--out", str(tmp_path / "ip"), "--mode", "ip-adapter"])
+    assert "the ip-adapter mode needs the IP-Adapter" in err and not (tmp_path / "ip").exists()

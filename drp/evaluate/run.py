@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from PIL import Image
 from tqdm import tqdm
@@ -172,6 +173,7 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
     """Generate every missing image of the run described by `cfg` (see `make_config`) in `out`, as this rank."""
     import drp  # the models, only once the settings are known to be good
     from ..devices import DTYPES, resolve_dtype
+    from ..method_common import resolve_mode
     from ..model_io import read_model_json
 
     out = Path(out)
@@ -184,6 +186,8 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
         cfg = dict(cfg, dtype=next(name for name, d in DTYPES.items() if d == dtype))  # "fp16" …
         source = read_model_json(weights)[0]["source"]
         cfg.update(model=source.get("sha256"), model_file=source.get("file", "unknown"))
+        if cfg["mode"] != "plain":  # "auto" -> the mode it means with these weights, read without loading them
+            cfg["mode"] = resolve_mode(SimpleNamespace(folder=Path(weights), components={}), cfg["mode"])
         check_run_folder(out, cfg)
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
         if ranks.main:
