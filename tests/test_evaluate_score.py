@@ -7,6 +7,9 @@ so no generation is needed; the CLIP and DINO models are tiny transformers folde
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -154,3 +157,21 @@ def test_report_tabulates_mean_and_standard_error_and_draws_a_contact_sheet(mode
     assert (tmp_path / "report" / "report.md").read_text() == text
     sheet = Image.open(run / "contact_sheet.png")
     assert sheet.size == ((2 + 8) * 128 + 8, 3 * (128 + 14))  # content + style, 8 image columns; 3 pairs
+
+
+def test_torchrun_with_two_processes_scores_every_image_once(models, run):
+    repo = DATA.parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "drp.evaluate", "score", str(run), "--clip", str(models / "clip"), "--dino", str(models / "dino"),
+           "--device", "cpu", "--no-progress"]
+    done = subprocess.run(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scored 3 images" in done.stdout
+    two = read_scores(run)
+    assert not list(run.glob("scores.rank-*"))
+    score(run, models / "clip", models / "dino", device="cpu", progress=False, log=lambda *a: None)
+    one = read_scores(run)
+    assert [r["id"] for r in two] == [r["id"] for r in one]
+    for got, want in zip(two, one):
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < TOL for k in got if k != "id")
