@@ -40,7 +40,7 @@ FORMAT = 1
 # config.json keys that decide each image's pixels: a run folder refuses a different value of any of them.
 # The others (which subjects, how many prompts and images, --limit, DATA's path) only choose the items.
 PIXEL_SETTINGS = ("format", "bench", "mode", "seed", "steps", "height", "width", "guidance", "dtype", "model",
-                  "style_dir")
+                  "model_dtype", "style_dir")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,11 @@ def write_text(path, text):
     os.replace(tmp, path)
 
 
+def is_config_tmp(name):
+    """The temporary file of a config.json being written (what a run killed at its first moment leaves)."""
+    return name.startswith(".config.json.") and name.endswith(".tmp")
+
+
 def check_run_folder(out, cfg):
     """Refuse a folder that holds something else than a run with these pixel settings."""
     config = out / "config.json"
@@ -142,7 +147,7 @@ def check_run_folder(out, cfg):
             if old.get(key) != cfg.get(key):
                 raise DrpError(f"{out} holds a run with other settings ({key} {old.get(key)!r}, not "
                                f"{cfg.get(key)!r}); choose another --out, or repeat that run's settings to complete it.")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not is_config_tmp(p.name) for p in out.iterdir()):
         raise DrpError(f"{out} is not empty and holds no run of drp.evaluate; choose a new or empty --out.")
     elif out.exists() and not out.is_dir():
         raise DrpError(f"{out} is a file, not a folder; choose another --out.")
@@ -185,15 +190,17 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
         dtype = resolve_dtype(cfg["dtype"], ranks.device)
         cfg = dict(cfg, dtype=next(name for name, d in DTYPES.items() if d == dtype))  # "fp16" …
         source = read_model_json(weights)[0]["source"]
-        cfg.update(model=source.get("sha256"), model_file=source.get("file", "unknown"))
+        cfg.update(model=source.get("sha256"), model_file=source.get("file", "unknown"),
+                   model_dtype=source.get("dtype"))  # the checkpoint's sha256, and the dtype it was converted to
         if cfg["mode"] != "plain":  # "auto" -> the mode it means with these weights, read without loading them
             cfg["mode"] = resolve_mode(SimpleNamespace(folder=Path(weights), components={}), cfg["mode"])
         check_run_folder(out, cfg)
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
-        if ranks.main:
-            (out / "images").mkdir(parents=True, exist_ok=True)
+        if ranks.main:  # config.json first: a folder holding it is a run of ours whatever happens next
+            out.mkdir(parents=True, exist_ok=True)
             write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")
             write_text(out / "items.jsonl", "".join(json.dumps(asdict(i)) + "\n" for i in items))
+            (out / "images").mkdir(exist_ok=True)
         R.barrier(ranks)
         mine = items[ranks.rank :: ranks.world]
         todo = pending(mine, out, cfg)
@@ -232,7 +239,7 @@ def make_config(bench, mode="plain", data=None, style_dir=None, subjects=None, p
 
     check_settings(steps, guidance, height, width)
     return dict(format=FORMAT, bench=bench, mode=mode, seed=seed, steps=steps, height=height, width=width,
-                guidance=guidance, dtype=dtype, model=None, model_file=None,
+                guidance=guidance, dtype=dtype, model=None, model_file=None, model_dtype=None,
                 style_dir=str(Path(style_dir).resolve()) if style_dir and bench != "dreambench" else None,
                 data=str(Path(data).resolve()) if data else None, subjects=subjects, prompts=prompts,
                 images_per_prompt=images_per_prompt, limit=limit)
