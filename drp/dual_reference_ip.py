@@ -37,6 +37,7 @@ from .ip_adapter import DecoupledCrossAttention, resolve_scale
 from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, resolve_mode,
                             subject_tokens)
 from .sampling import encode_text
+from .vision import clip_pixels
 
 LATE_GROUPS = ("both", "style-only")
 
@@ -126,8 +127,6 @@ def check_options(opts):
 
 def reference_tokens(sd, images):
     """{kind: image tokens (1, T, 768)} of the references, one encoder pass; and the unconditional tokens."""
-    from .vision import clip_pixels  # the encoder's preprocessing (drp/vision.py)
-
     kinds = list(images)
     pixels = clip_pixels([load_image(images[k], f"{k} reference") for k in kinds],
                          size=sd.image_encoder.cfg.image_size)  # (R, 3, 224, 224)
