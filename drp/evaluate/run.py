@@ -40,7 +40,7 @@ FORMAT = 1
 # config.json keys that decide each image's pixels: a run folder refuses a different value of any of them.
 # The others (which subjects, how many prompts and images, --limit, DATA's path) only choose the items.
 PIXEL_SETTINGS = ("format", "bench", "mode", "seed", "steps", "height", "width", "guidance", "dtype", "model",
-                  "model_dtype", "style_dir")
+                  "model_dtype", "ip_adapter", "style_dir")
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,7 @@ def planned_parameters(item, cfg):
     if cfg["mode"] != "plain":
         info["drp"] = dict(subject=item.subject if item.content else None, content=item.content or None,
                            style=item.style or None, mode=cfg["mode"])
-    text = parameters_text(info)
-    if cfg["mode"] != "plain" and "DRP mode" not in text:
-        text += f", DRP mode: {cfg['mode']}"
-    return text
+    return parameters_text(info)
 
 
 def generate_kwargs(item, cfg, data, style_dir):
@@ -194,6 +191,9 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
                    model_dtype=source.get("dtype"))  # the checkpoint's sha256, and the dtype it was converted to
         if cfg["mode"] != "plain":  # "auto" -> the mode it means with these weights, read without loading them
             cfg["mode"] = resolve_mode(SimpleNamespace(folder=Path(weights), components={}), cfg["mode"])
+        if cfg["mode"] == "ip-adapter":  # which adapter and image encoder: their converted descriptions
+            described = "".join((Path(weights) / f).read_text() for f in ("ip_adapter.json", "image_encoder.json"))
+            cfg["ip_adapter"] = hashlib.sha256(described.encode()).hexdigest()
         check_run_folder(out, cfg)
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
         if ranks.main:  # config.json first: a folder holding it is a run of ours whatever happens next
@@ -239,7 +239,7 @@ def make_config(bench, mode="plain", data=None, style_dir=None, subjects=None, p
 
     check_settings(steps, guidance, height, width)
     return dict(format=FORMAT, bench=bench, mode=mode, seed=seed, steps=steps, height=height, width=width,
-                guidance=guidance, dtype=dtype, model=None, model_file=None, model_dtype=None,
+                guidance=guidance, dtype=dtype, model=None, model_file=None, model_dtype=None, ip_adapter=None,
                 style_dir=str(Path(style_dir).resolve()) if style_dir and bench != "dreambench" else None,
                 data=str(Path(data).resolve()) if data else None, subjects=subjects, prompts=prompts,
                 images_per_prompt=images_per_prompt, limit=limit)
