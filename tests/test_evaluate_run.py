@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from drp.evaluate.__main__ import main
+from drp.evaluate.data import class_only, read_prompts_and_classes, without_words
 from drp.evaluate.run import build_items, item_seed
 from tiny import tiny_weights_dir
 
@@ -62,6 +63,15 @@ def stamps(folder):
 
 def pixels(path):
     return np.asarray(Image.open(path))
+
+
+def test_dreambench_lists_hold_30_subjects_9_of_them_live_and_25_prompts_of_each_kind():
+    classes, objects, live = read_prompts_and_classes(DATA / "dataset" / "prompts_and_classes.txt")
+    assert len(classes) == 30 and sum(c in ("cat", "dog") for c in classes.values()) == 9
+    assert classes["bear_plushie"] == "stuffed animal" and len(objects) == len(live) == 25
+    assert class_only(objects[0], "stuffed animal") == "a stuffed animal in the jungle"
+    assert class_only(live[-1], "dog") == "a cube shaped dog"
+    assert without_words("a stuffed animal in the jungle", "stuffed animal") == "a in the jungle"
 
 
 def test_items_are_sorted_and_each_seed_depends_only_on_the_base_seed_and_the_id():

@@ -9,11 +9,14 @@ below returns its input, so the same code runs either way.
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from ..devices import resolve_device
+
+TIMEOUT = timedelta(hours=6)  # of a collective; a full-size DRP-Diff image on a 2-core CPU takes about 30 minutes
 
 
 @dataclass
@@ -45,7 +48,8 @@ def start(device="auto"):
     if world > 1:
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        # the ranks meet once per image: a rank may wait a whole image for the others (minutes on a CPU)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=TIMEOUT)
         ranks.joined = True
     return ranks
 
