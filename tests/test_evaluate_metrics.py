@@ -32,7 +32,9 @@ B32 = dict(text_config=dict(hidden_size=512, intermediate_size=2048, num_attenti
            projection_dim=512)
 L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                 projection_dim=768)
-DINO_S16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16,
+# DINO ViT-S/16 at its real width, patch and image size, 2 of its 12 layers (tests/test_vision.py runs all 12;
+# what is tested here is reading the files: the shapes from the tensors, the eps from the config)
+DINO_S16 = dict(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1536, patch_size=16,
                 image_size=224, hidden_act="gelu", qkv_bias=True)
 
 
@@ -96,14 +98,15 @@ def test_clip_l14_text_tower_pools_at_the_first_end_of_text_and_projects_like_tr
     ref = random_reference(Reference, config, seed=1)
     state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
              for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
-    ours = CLIPTextModelWithProjection(CLIPConfig.from_transformers(config.to_dict()), 768).eval()
-    ours.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no initialisation: every tensor comes from the reference
+        ours = CLIPTextModelWithProjection(CLIPConfig.from_transformers(config.to_dict()), 768)
+    ours.load_state_dict(state, strict=True, assign=True)
     assert ours.cfg == CLIPConfig()  # L/14's text tower is SD 1.x's text encoder
-    tokens = Tokenizer()(PROMPTS)
+    short, long = Tokenizer()(PROMPTS[0])[:, :SHORT], Tokenizer()(PROMPTS[1])  # the long one: EOS at 76
+    assert long[0, -1] == 49407 and (long[0] == 49407).sum() == 1
     with torch.no_grad():
-        want = ref(input_ids=tokens).text_embeds
-        got = ours.embed(tokens)
-    assert relative_error(got, want) < TOL
+        for tokens in (short, long):
+            assert relative_error(ours.embed(tokens), ref(input_ids=tokens).text_embeds) < TOL
 
 
 def original_dino_keys(state):
@@ -112,7 +115,7 @@ def original_dino_keys(state):
            "norm.weight": state["layernorm.weight"], "norm.bias": state["layernorm.bias"]}
     for p in ("weight", "bias"):
         out[f"patch_embed.proj.{p}"] = state[f"embeddings.patch_embeddings.projection.{p}"]
-    for i in range(12):
+    for i in range(DINO_S16["num_hidden_layers"]):
         src = f"encoder.layer.{i}."
         pairs = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
@@ -136,7 +139,7 @@ def test_dino_s16_from_either_file_gives_the_cls_token_of_transformers_vit(tmp_p
         path = tmp_path / "dino_deitsmall16_pretrain.pth"
         torch.save(original_dino_keys(load_file(str(tmp_path / "model.safetensors"))), path)
     ours = load_dino(path)
-    assert ours.model.cfg.eps == eps and ours.model.cfg.heads == 6
+    assert (ours.model.cfg.eps, ours.model.cfg.heads, ours.model.cfg.layers) == (eps, 6, 2)
     with torch.no_grad():
         want = F.normalize(ref(pixel_values=dino_pixels(pictures())).last_hidden_state[:, 0], dim=-1)
     assert relative_error(ours.images(pictures()), want) < TOL

@@ -47,7 +47,7 @@ PIXEL_SETTINGS = ("format", "bench", "mode", "seed", "steps", "height", "width",
 class Item:
     """One image of a benchmark."""
 
-    id: str  # "cat-03-1": subject, prompt number, image number
+    id: str  # "cat-03-01": subject (and style), prompt number, image number
     prompt: str
     subject: str  # the class noun that names the subject in the prompt ("" for the style benchmark)
     content: str  # the conditioning photo, relative to DATA ("" when none)
