@@ -69,7 +69,8 @@ def make_handler(host):
                 body, start = host.tree(), 0
             elif self.path.startswith("/raw/") and self.path[5:] in host.files:
                 body = host.files[self.path[5:]]
-                start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers.get("Range") else 0
+                asked = self.headers.get("Range")
+                start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
             else:
                 self.send_error(404)
                 return
@@ -146,10 +147,10 @@ def test_file_of_another_size_than_listed_is_refused_in_one_sentence_and_deleted
 def test_file_with_the_listed_size_but_other_bytes_is_refused(github, tmp_path):
     github.files["dataset/dog/01.jpg"] = bytes(3000)  # the listing keeps the blob id of the real bytes
     real = blob_id(FILES["dataset/dog/01.jpg"])
-    github.tree = lambda: json.dumps(dict(tree=[dict(path="dataset/prompts_and_classes.txt", type="blob",
-                                                    size=len(FILES["dataset/prompts_and_classes.txt"]),
-                                                    sha=blob_id(FILES["dataset/prompts_and_classes.txt"])),
-                                               dict(path="dataset/dog/01.jpg", type="blob", size=3000, sha=real)])).encode()
+    listing = "dataset/prompts_and_classes.txt"
+    entries = [dict(path=listing, type="blob", size=len(FILES[listing]), sha=blob_id(FILES[listing])),
+               dict(path="dataset/dog/01.jpg", type="blob", size=3000, sha=real)]
+    github.tree = lambda: json.dumps(dict(tree=entries)).encode()
     with pytest.raises(DrpError, match="other bytes"):
         fetch(github, tmp_path)
     assert not (tmp_path / "dataset" / "dog").exists() or not list((tmp_path / "dataset" / "dog").iterdir())

@@ -175,7 +175,8 @@ def test_drp_mode_gives_the_references_to_generate_and_resumes(weights, tmp_path
     assert json.loads((tmp_path / "drp" / "config.json").read_text())["mode"] == "self-attention"  # no IP-Adapter
     image = tmp_path / "drp" / "images" / "cat-shipwreck-00-00.png"
     text = Image.open(image).info["parameters"]
-    assert "DRP mode: self-attention, DRP subject: cat, DRP content: dataset/cat/00.jpg, DRP style: shipwreck.jpg" in text
+    assert ("DRP mode: self-attention, DRP subject: cat, DRP content: dataset/cat/00.jpg, "
+            "DRP style: shipwreck.jpg") in text
     assert not np.array_equal(pixels(image), pixels(tmp_path / "plain" / "images" / image.name))  # same seed
     capsys.readouterr()
     assert run_alone(["run", *one, "--out", str(tmp_path / "drp"), "--mode", "self-attention"]) == 0

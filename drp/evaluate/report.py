@@ -39,7 +39,8 @@ def summarize(run):
     cfg, items = read_run(run)
     path = run / "scores.jsonl"
     if not path.is_file():
-        raise DrpError(f"{run} has no scores.jsonl; score it first with `python -m drp.evaluate score {run} --clip CLIP`.")
+        raise DrpError(f"{run} has no scores.jsonl; score it first with "
+                       f"`python -m drp.evaluate score {run} --clip CLIP`.")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     metrics = {}
     for m in METRICS:

@@ -143,7 +143,8 @@ def check_run_folder(out, cfg):
         for key in PIXEL_SETTINGS:
             if old.get(key) != cfg.get(key):
                 raise DrpError(f"{out} holds a run with other settings ({key} {old.get(key)!r}, not "
-                               f"{cfg.get(key)!r}); choose another --out, or repeat that run's settings to complete it.")
+                               f"{cfg.get(key)!r}); choose another --out, or repeat that run's settings to "
+                               "complete it.")
     elif out.is_dir() and any(not is_config_tmp(p.name) for p in out.iterdir()):
         raise DrpError(f"{out} is not empty and holds no run of drp.evaluate; choose a new or empty --out.")
     elif out.exists() and not out.is_dir():
@@ -235,7 +236,7 @@ def make_config(bench, mode="plain", data=None, style_dir=None, subjects=None, p
     """The settings of a run as config.json holds them (model and dtype are filled in by `run`)."""
     if mode not in MODES:
         raise DrpError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
-    from ..pipeline import check_settings
+    from ..sampling import check_settings
 
     check_settings(steps, guidance, height, width)
     return dict(format=FORMAT, bench=bench, mode=mode, seed=seed, steps=steps, height=height, width=width,
