@@ -4,7 +4,7 @@ Where it sits: `python -m drp.evaluate download dreambench --out DATA`, once, be
 is the `dataset/` folder of google/dreambooth at a pinned commit (so every user scores against the same
 photos), written under DATA in the repository's own layout:
 
-    DATA/LICENSE                               the repository's licence (CC-BY-4.0)
+    DATA/LICENSE*                              the repository's licence files, where it has them (CC-BY-4.0)
     DATA/dataset/prompts_and_classes.txt       subjects, class nouns, prompt templates
     DATA/dataset/references_and_licenses.txt   where each photo comes from, and its licence
     DATA/dataset/<subject>/NN.jpg              158 photos, 111.7 MB
