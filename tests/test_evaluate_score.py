@@ -156,7 +156,7 @@ def test_report_tabulates_mean_and_standard_error_and_draws_a_contact_sheet(mode
     assert f"{np.mean(values):.4f} ± {sem:.4f} / {100 * np.mean(values):.2f} ± {100 * sem:.2f}" in line
     assert (tmp_path / "report" / "report.md").read_text() == text
     sheet = Image.open(run / "contact_sheet.png")
-    assert sheet.size == ((2 + 8) * 128 + 8, 3 * (128 + 14))  # content + style, 8 image columns; 3 pairs
+    assert sheet.size == ((2 + 1) * 128 + 8, 3 * (128 + 14))  # content + style, then 1 image; 3 pairs
 
 
 def test_torchrun_with_two_processes_scores_every_image_once(models, run):

@@ -93,7 +93,8 @@ def contact_sheet(run, path=None):
         raise DrpError(f"{run} has no images yet; run it first.")
     label = 14  # pixels of text above each row
     refs = max(bool(c) + bool(s) for (c, s), _ in groups)
-    width = (refs + SHEET_IMAGES) * THUMB + 8
+    columns = min(SHEET_IMAGES, max(len(members) for _, members in groups))
+    width = (refs + columns) * THUMB + 8
     sheet = Image.new("RGB", (width, len(groups) * (THUMB + label)), "white")
     draw = ImageDraw.Draw(sheet)
     for row, ((content, style), members) in enumerate(groups):
