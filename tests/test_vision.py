@@ -31,15 +31,19 @@ def h14_config():
 
 
 def fill_random_(model, seed):
-    """Seeded random weights in place, fast enough for 632M values: each tensor is a window, at a seeded
-    random offset, of one pool of 16M normal samples, scaled as checkpoints.random_like scales (N(0, 1/fan_in)
-    matrices, LayerNorm scales near 1, small biases and embeddings). No tensor shares another's values."""
+    """Seeded random weights in place, fast enough for 632M values: each tensor is a window of one pool of
+    16M normal samples at its own seeded offset (so no two tensors hold the same values in the same places;
+    fresh samples for larger tensors), scaled as checkpoints.random_like scales: N(0, 1/fan_in) matrices,
+    LayerNorm scales near 1, small biases and embeddings."""
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 24, generator=g)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            start = int(torch.randint(0, pool.numel() - p.numel() + 1, (1,), generator=g))
-            window = pool[start:start + p.numel()].view_as(p)
+            if p.numel() <= pool.numel():
+                start = int(torch.randint(0, pool.numel() - p.numel() + 1, (1,), generator=g))
+                window = pool[start:start + p.numel()].view_as(p)
+            else:  # larger than the pool (a token table): fresh samples
+                window = torch.randn(p.shape, generator=g)
             if p.dim() >= 2:
                 torch.mul(window, p[0].numel() ** -0.5, out=p)
             elif name.endswith("weight"):
