@@ -22,7 +22,7 @@ from drp.devices import resolve_device, resolve_dtype
 from drp.dual_reference import Options
 from drp.errors import DrpError
 from drp.images import load_image
-from drp.pipeline import check_settings
+from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
 
@@ -144,6 +144,9 @@ def checked_settings(args):
         raise DrpError(f"--num-images must be a whole number ≥ 1, got {args.num_images}.")
     if not 0 <= args.seed <= MAX_SEED:
         raise DrpError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}.")
+    if args.no_masks and (args.content_mask or args.style_mask):
+        raise DrpError("--no-masks gives every reference token to every query, so it cannot take --content-mask "
+                       "or --style-mask; drop the mask or --no-masks.")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("content", "style", "content_mask", "style_mask"):

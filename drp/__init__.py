@@ -6,12 +6,13 @@
                           content="cat.png", subject="cat", style="painting.jpg")
     result.images[0].save("out.png")
 
-Reading order: tokenizer, clip, attention, unet, vae, ddim, pipeline, dual_reference (then masks,
+Reading order: tokenizer, clip, attention, unet, vae, ddim, sampling, pipeline, dual_reference (then masks,
 entropy, cache), and the plumbing: convert/keymaps, model_io, images, report, devices, png_info.
 """
 
 from .errors import DrpError
 from .model_io import StableDiffusion, load
-from .pipeline import Result, Trajectory, generate, invert
+from .pipeline import Result, generate
+from .sampling import Trajectory, invert
 
 __all__ = ["DrpError", "StableDiffusion", "Result", "Trajectory", "load", "generate", "invert"]

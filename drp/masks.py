@@ -1,6 +1,6 @@
 """Foreground masks of the reference images, found with no extra model (ALGORITHM.md §2).
 
-Where it sits in DRP-Diff: while a reference image is DDIM-inverted (`pipeline.invert`), a hook
+Where it sits in DRP-Diff: while a reference image is DDIM-inverted (`sampling.invert`), a hook
 records two attention statistics of the UNet:
 
 - `C`: how strongly each 16×16 token attends to the subject word of the caption (cross-attention,

@@ -70,6 +70,11 @@ def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
+def percent(f):
+    """A coverage as text: a fraction, or a list of them (the generated subject of each image)."""
+    return "n/a" if f is None else ", ".join(f"{100 * x:.1f} %" for x in (f if isinstance(f, list) else [f]))
+
+
 def text_lines(info):
     """The prompt, seed and DRP-Diff numbers of a result's info, as short lines."""
     prompts = info.get("prompt", "")
@@ -86,7 +91,7 @@ def text_lines(info):
                      f"{fmt(n_e, 'd')} of {fmt(n, 'd')}")
         coverage = drp.pop("coverage", None) or {}
         if coverage:
-            parts = [f"{name} " + ("n/a" if f is None else f"{100 * f:.1f} %") for name, f in coverage.items()]
+            parts = [f"{name} {percent(f)}" for name, f in coverage.items()]
             lines.append("foreground coverage: " + ", ".join(parts))
         lines += [f"{k}: {v}" for k, v in drp.items()]  # anything newer, as it is
     return lines

@@ -13,7 +13,8 @@ from checkpoints import file_state_dict, reference_models
 from drp import ddim, vae
 from drp.errors import DrpError
 from drp.images import to_pil
-from drp.pipeline import decode, generate, invert
+from drp.pipeline import generate
+from drp.sampling import decode, invert
 from tiny import reference_tokenizer, tiny_sd
 
 PIXEL_TOL = 1e-3  # absolute, in [0, 1] pixel space: the bound for whole-pipeline parity
