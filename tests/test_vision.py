@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from drp.errors import DrpError
-from drp.vision import (VisionConfig, VisionTransformer, dino_from_original, dino_from_transformers,
-                        load_state)
+from drp.vision import (VisionConfig, VisionTransformer, clip_from_transformers, dino_from_original,
+                        dino_from_transformers, load_state)
 from manifests import MANIFESTS, read_manifest
 
 TOL = 1e-4  # largest error relative to the reference's largest magnitude, fp32 on the CPU
@@ -31,15 +31,19 @@ def h14_config():
 
 
 def fill_random_(model, seed):
-    """Seeded random weights in place, fast enough for 632M values: each tensor is a window, at a seeded
-    random offset, of one pool of 16M normal samples, scaled as checkpoints.random_like scales (N(0, 1/fan_in)
-    matrices, LayerNorm scales near 1, small biases and embeddings). No tensor shares another's values."""
+    """Seeded random weights in place, fast enough for 632M values: each tensor is a window of one pool of
+    16M normal samples at its own seeded offset (so no two tensors hold the same values in the same places;
+    fresh samples for larger tensors), scaled as checkpoints.random_like scales: N(0, 1/fan_in) matrices,
+    LayerNorm scales near 1, small biases and embeddings."""
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 24, generator=g)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            start = int(torch.randint(0, pool.numel() - p.numel() + 1, (1,), generator=g))
-            window = pool[start:start + p.numel()].view_as(p)
+            if p.numel() <= pool.numel():
+                start = int(torch.randint(0, pool.numel() - p.numel() + 1, (1,), generator=g))
+                window = pool[start:start + p.numel()].view_as(p)
+            else:  # larger than the pool (a token table): fresh samples
+                window = torch.randn(p.shape, generator=g)
             if p.dim() >= 2:
                 torch.mul(window, p[0].numel() ** -0.5, out=p)
             elif name.endswith("weight"):
@@ -121,8 +125,8 @@ def test_clip_b32_image_features_equal_transformers_clip_model_at_full_size():
     ref = random_reference(CLIPModel, config, seed=2)
     cfg = VisionConfig.from_transformers(config.to_dict())
     assert cfg == VisionConfig.vit_b32()
-    vision = {k: v for k, v in ref.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
-    ours = ours_with(cfg, vision)
+    whole = ref.state_dict()  # the names of a CLIPModel file: both towers, text_projection, logit_scale
+    ours = ours_with(cfg, clip_from_transformers({**whole, "vision_model.embeddings.position_ids": torch.arange(50)}))
     x = pixels(2, seed=3)
     with torch.no_grad():
         got = ours(x)
@@ -287,6 +291,13 @@ def test_loading_skips_position_ids_and_names_the_first_missing_unexpected_or_mi
     with pytest.raises(DrpError, match=r"patch_embedding.weight has shape \(64, 3, 14, 14\)"):
         load_state(VisionTransformer(cfg), {**state, "vision_model.embeddings.patch_embedding.weight":
                                             torch.zeros(64, 3, 14, 14)})
+
+
+def test_a_clip_file_with_a_tensor_of_neither_tower_is_refused_by_name():
+    state = {"vision_model.post_layernorm.weight": torch.ones(4), "text_model.final_layer_norm.weight": torch.ones(4)}
+    assert clip_from_transformers(state).keys() == {"vision_model.post_layernorm.weight"}
+    with pytest.raises(DrpError, match="hold classifier.weight"):
+        clip_from_transformers({**state, "classifier.weight": torch.zeros(2, 4)})
 
 
 def test_pixels_of_the_wrong_shape_are_refused():
