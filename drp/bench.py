@@ -18,6 +18,9 @@ with other work slows both alike.
                 diffusers' from_pretrained, all three models held; at most 3 rounds, each a process;
                 warm (files in the page cache), then cold (dropped from it first; Linux, not tmpfs)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
+    drp-ip      DRP-Diff's IP-Adapter mode (drp/bench_drp_ip.py): its step vs a plain CFG step, the 16
+                SVDs, its first run vs the self-attention mode's (only with --only drp-ip: it builds a
+                random ViT-H/14 encoder, 2.5 GB in fp32)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
 number of steps and nothing else does, so total(50) = total(k) + unet_time(k) × (50/k − 1).
@@ -45,7 +48,8 @@ from .model_io import MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile"]
+TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "drp-ip"]
+OPT_IN = ("compile", "drp-ip")  # measured only when asked for
 
 
 # ---- the parent: plan, run the children one at a time, report -----------------------------------------
@@ -188,6 +192,10 @@ def measure(args, spec, workdir, configs, say):
             ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds", cold=cold)
             rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
                             note="files dropped from the page cache first" if cold else "warm page cache", **peaks))
+    if "drp-ip" in tasks:
+        from .bench_drp_ip import rows as drp_ip_rows
+
+        rows += drp_ip_rows(child("drp-ip"), spec, row)
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -204,6 +212,7 @@ TARGETS = [  # (row name prefix, what, bound, when) from the issue; checked wher
     ("load", "ratio", 1.0, "any"), ("load", "peak", 0.8, "any"), ("cold load", "ratio", 1.0, "any"),
     ("DRP step 64×64 (late)", "ratio", 2.2, "any"), ("DRP step 64×64 (early)", "ratio", 2.2, "any"),
     ("DRP generation: cached", "ratio", 0.75, "any"),
+    ("DRP-IP step 64×64 (early)", "ratio", 1.15, "any"), ("DRP-IP step 64×64 (late)", "ratio", 1.15, "any"),
 ]
 
 
@@ -304,7 +313,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each call (after one warm-up)")
     p.add_argument("--quick", action="store_true", help="a run of a few minutes: 256 px (32×32 latents), 2 repeats")
-    p.add_argument("--only", default=",".join(t for t in TASKS if t != "compile"),
+    p.add_argument("--only", default=",".join(t for t in TASKS if t not in OPT_IN),
                    help=f"comma-separated measurements among {','.join(TASKS)}")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet")
     p.add_argument("--json", default="bench.json", help="where to write the report as JSON")

@@ -19,11 +19,9 @@ on the model: each step gets a fresh hook object.
 """
 
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +29,8 @@ from . import cache, entropy, masks
 from .attention import attend, attention_probs
 from .errors import DrpError
 from .images import fit, load_image, load_mask
+from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, subject_positions,
+                            subject_tokens as find_subject)
 from .sampling import TRAJECTORY_DTYPE, encode_text, invert
 
 USER_MASK = "user mask"
@@ -56,15 +56,6 @@ class Options:
     record_t: tuple = (200, 800)  # inversion steps whose attention makes the masks
     gen_mask_warmup: int = 5  # steps before the generated subject mask is trusted
     gen_mask_threshold: float = 0.3
-
-
-def subject_positions(sd, text, subject):
-    """Token positions (in the 77-token row, BOS at 0) of the words of `subject` inside `text`."""
-    words, ids = sd.tokenizer.encode(subject), sd.tokenizer.encode(text)
-    for start in range(len(ids) - len(words) + 1):
-        if ids[start : start + len(words)] == words:
-            return [1 + start + j for j in range(len(words)) if 1 + start + j < 76]
-    return None
 
 
 def in_layers(name, prefixes):
@@ -319,30 +310,12 @@ def attend_split(q, fg, fore, back):
     return out
 
 
-def rho(h_cu, h_st):
-    """ρ = H_cu / H_st for the report: math.inf for a constant style picture, 1 for two, None without both."""
-    if h_cu is None or h_st is None:
-        return None
-    if h_st == 0:
-        return math.inf if h_cu > 0 else 1.0  # the ρ that switch_fraction uses for α (0.8, resp. 0.5)
-    return h_cu / h_st
-
-
-def reference_name(image):
-    """How a reference is named in reports: its file name, or "<image>" for an image given in memory."""
-    return Path(image).name if isinstance(image, (str, os.PathLike)) else "<image>"
-
-
 def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
             switch_step=None, steps=50, height=512, width=512, progress=True, timings=None, **options):
     """Everything DRP-Diff needs before sampling, or None when there is no reference (plain text-to-image)."""
-    known = {f.name for f in fields(Options)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DrpError(f"unknown option {unknown[0]!r}; DRP-Diff's options are: {', '.join(sorted(known))}.")
     if "layers" in options and isinstance(options["layers"], str):
         options["layers"] = tuple(s.strip() for s in options["layers"].split(",") if s.strip())
-    opts = Options(**options)
+    opts = make_options(Options, options, "self-attention")
     if not opts.use_masks and (content_mask is not None or style_mask is not None):
         raise DrpError("use_masks=False (--no-masks) gives every reference token to every query, so it cannot "
                        "take a user mask; drop the mask or the ablation.")
@@ -353,19 +326,11 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                       + "; give a content reference too, or leave the subject out.", stacklevel=3)
     if content is None and style is None:
         return None
-    if switch_step is not None and not (isinstance(switch_step, int) and 0 <= switch_step <= steps):
-        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), "
-                       f"got {switch_step!r}.")
+    check_switch_step(switch_step, steps)
 
-    subject_tokens = [None] * len(prompts)  # per prompt; only a content reference's subject is looked for
-    if subject and content is not None:
-        subject_tokens = [subject_positions(sd, p, subject) for p in prompts]
-        for p, tokens in zip(prompts, subject_tokens):
-            if tokens is None:
-                words = " ".join(repr(w) for w in p.split())
-                raise DrpError(f"the subject {subject!r} is not a word of the prompt ({words}); "
-                               "pass one of the prompt's words as subject.")
-    elif content is not None:
+    # per prompt, the subject's token positions; only a content reference's subject is looked for
+    subject_tokens = find_subject(sd, prompts, subject if content is not None else None)
+    if content is not None and not subject:
         warnings.warn("no subject was given: the content reference's foreground is guessed from its borders; "
                       "pass subject= (the word naming it in the prompt) for a better mask.", stacklevel=3)
 
@@ -397,12 +362,10 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
 
     h_cu = refs["content"].entropy if "content" in refs else None
     h_st = refs["style"].entropy if "style" in refs else None
-    alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
-    n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
     report = dict(subject=subject, content=reference_name(content) if "content" in refs else None,
-                  style=reference_name(style) if "style" in refs else None, H_cu=h_cu, H_st=h_st,
-                  rho=rho(h_cu, h_st), alpha=alpha,
-                  switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
+                  style=reference_name(style) if "style" in refs else None,
+                  **entropy_switch(h_cu, h_st, steps, switch_step, opts.fixed_switch),
+                  coverage={k: float(r.mask.mean()) for k, r in refs.items()},
                   mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},
                   layers=list(opts.layers))
-    return DualReference(refs, opts, len(prompts), subject_tokens, n_e, report)
+    return DualReference(refs, opts, len(prompts), subject_tokens, report["switch_step"], report)

@@ -171,7 +171,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                       "the full prompt throughout.", stacklevel=3)
     if content is None and style is None:
         return None
-    subject_tokens(sd, prompts, subject)  # a subject that is not a word of the prompt: one sentence
+    subject_tokens(sd, prompts, subject if content is not None else None)  # not a word of the prompt: one sentence
     if content is not None and not subject and opts.bg_prompt:
         warnings.warn("no subject was given: the early stage keeps the full prompt; pass subject= (the word "
                       "naming it in the prompt) to take it out of the early stage's text.", stacklevel=3)

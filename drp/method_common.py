@@ -11,6 +11,7 @@ entropies give (ALGORITHM.md §4, `drp/entropy.py`), refuse unknown knobs with t
 report the same numbers (plus each mode's own).
 """
 
+import math
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -92,8 +93,16 @@ def entropy_switch(h_cu, h_st, steps, switch_step=None, fixed=False):
     """The report's switch numbers: H_cu, H_st, ρ, α and N_e (ALGORITHM.md §4), the user's N_e winning."""
     alpha = 0.5 if fixed else entropy.switch_fraction(h_cu, h_st)
     n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
-    rho = h_cu / h_st if h_cu is not None and h_st else None
-    return dict(H_cu=h_cu, H_st=h_st, rho=rho, alpha=alpha, switch_step=n_e, steps=steps)
+    return dict(H_cu=h_cu, H_st=h_st, rho=rho(h_cu, h_st), alpha=alpha, switch_step=n_e, steps=steps)
+
+
+def rho(h_cu, h_st):
+    """ρ = H_cu / H_st for the report: math.inf for a constant style picture, 1 for two, None without both."""
+    if h_cu is None or h_st is None:
+        return None
+    if h_st == 0:
+        return math.inf if h_cu > 0 else 1.0  # the ρ that switch_fraction uses for α (0.8, resp. 0.5)
+    return h_cu / h_st
 
 
 def reference_name(image):

@@ -20,6 +20,7 @@ from drp.convert import convert
 from drp.errors import DrpError
 from drp.ip_adapter import IPAdapter
 from drp.method_common import resolve_mode
+from drp.report import save_report, text_lines
 from drp.sampling import decode, encode_text
 from drp.vision import VisionTransformer
 from ip_checkpoints import ENCODER, FILES, adapter_config, reference_encoder, write_h94_folder
@@ -28,7 +29,7 @@ from tiny import reference_tokenizer, tiny_sd
 PIXEL_TOL = 2.5 / 255  # the bound for whole-pipeline parity, in [0, 1] pixels
 KEY_TOL = 1e-5  # float32 keys of unit-scale tokens through a reconstructed (W_fg) matrix
 PROMPT = "a cat sitting on the beach"
-SIZE, STEPS = 64, 3
+SIZE, STEPS = 64, 2
 
 
 def pictures():
@@ -117,11 +118,11 @@ def plain_loop(sd, texts, switch_step):
 
 
 def test_scale_zero_in_both_stages_is_plain_text_to_image_under_the_same_text_schedule(sd):
-    result = run(sd, content=pictures()[0], style=pictures()[1], subject="cat", mode="ip-adapter", switch_step=2,
+    result = run(sd, content=pictures()[0], style=pictures()[1], subject="cat", mode="ip-adapter", switch_step=1,
                  scale_early=0, scale_late=0)
     assert result.info["drp"]["C_bg"] == "a sitting on the beach"
-    assert torch.equal(result.latents, plain_loop(sd, ["a sitting on the beach", PROMPT], 2))
-    assert not torch.equal(result.latents, plain_loop(sd, [PROMPT, PROMPT], 2))  # C_bg did count
+    assert torch.equal(result.latents, plain_loop(sd, ["a sitting on the beach", PROMPT], 1))
+    assert not torch.equal(result.latents, plain_loop(sd, [PROMPT, PROMPT], 1))  # C_bg did count
 
 
 def test_switch_step_zero_runs_every_step_late_and_n_every_step_early(sd):
@@ -202,9 +203,10 @@ def test_the_background_prompt_drops_the_subjects_words():
     assert dri.background_prompt("a catalogue and a cat", "cat") == "a catalogue and a"
 
 
-def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd):
-    report = run(sd, content=pictures()[0], style=pictures()[1], subject="cat", mode="ip-adapter",
-                 rank_rule="gd", scale_late=0.4).info["drp"]
+def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd, tmp_path):
+    content, style = pictures()
+    result = run(sd, content=content, style=style, subject="cat", mode="ip-adapter", rank_rule="gd", scale_late=0.4)
+    report = result.info["drp"]
     layers = sd.ip_adapter.layer_names
     assert report["mode"] == "ip-adapter" and report["adapter"] == "IP-Adapter (base)"
     assert (report["rank_rule"], report["rank_energy"], report["floor"], report["power"]) == ("gd", 0.5, 0.05, 2)
@@ -215,6 +217,15 @@ def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd
         assert len(sigma) == min(sd.ip_adapter.key_weight(name).shape) and sigma == sorted(sigma, reverse=True)
         assert 1 <= report["rank"][name] <= len(sigma)
     assert 1 <= report["switch_step"] <= STEPS - 1 and 0.2 <= report["alpha"] <= 0.8
+
+    text = "\n".join(text_lines(result.info))
+    assert "adapter IP-Adapter (base)" in text and "Gavish-Donoho rule" in text and "late 0.4" in text
+    assert "C_bg (early-stage text): 'a sitting on the beach'" in text and "foreground rank k: d0.0 " in text
+    assert "[" not in text  # the spectra are drawn, not printed
+    picture = np.asarray(Image.open(save_report(tmp_path / "r.png", result, content, style)).convert("RGB"))
+    strip = picture[SIZE + 40 : SIZE + 200]  # below the panels: the σ plots, one colour per layer
+    assert (abs(strip.astype(int) - [31, 119, 180]).sum(axis=-1) < 10).sum() > 50
+    assert (abs(strip.astype(int) - [214, 39, 40]).sum(axis=-1) < 10).sum() > 50
 
 
 def test_the_mode_is_chosen_by_the_weights_and_bad_requests_get_one_sentence(sd):
