@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from ..clip import CLIPConfig, CLIPTextModelWithProjection
 from ..errors import DrpError
 from ..tokenizer import Tokenizer
-from ..vision import (VisionConfig, VisionTransformer, clip_pixels, dino_from_original, dino_from_transformers,
-                      dino_pixels, load_state)
+from ..vision import (VisionConfig, VisionTransformer, clip_from_transformers, clip_pixels, dino_from_original,
+                      dino_from_transformers, dino_pixels, load_state)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CLIP_HINT = "--clip takes a transformers CLIPModel folder such as openai/clip-vit-large-patch14"
@@ -101,7 +101,7 @@ def load_clip(folder, device="cpu"):
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise DrpError(f"the text half of {folder} does not fit its config.json ({first}); {CLIP_HINT}.") from None
-    load_state(image, {k: v for k, v in state.items() if k not in text_state}, what="CLIP image")
+    load_state(image, clip_from_transformers(state), what="CLIP image")  # any stray tensor is named
     return CLIPScorer(text.to(device).eval().float(), image.to(device).eval().float(), device)
 
 
