@@ -14,12 +14,11 @@ ip_adapter.safetensors / image_encoder.safetensors (+ their JSON) to the same fo
 
 `--download` saves the checkpoint as DIR/<file name of the URL>, i.e. weights/v1-5-pruned-emaonly.safetensors
 (SRC, if given, names another place), and keeps it after converting; an existing complete file is not
-downloaded again, an interrupted one is resumed.
+downloaded again, an interrupted one is resumed. The default file must have its published sha256.
 """
 
 import argparse
 import sys
-from pathlib import Path
 
 from drp.errors import DrpError
 
@@ -62,13 +61,12 @@ def main(argv=None):
                 print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
             return 0
         if args.download:
-            from drp.download import download, weights_url
+            from drp.download import checkpoint_path, download, pinned, weights_url
 
             check_can_write(args.out, args.force)  # before, not after, a 4 GB download
 
             url = weights_url(args.url)
-            src = args.src or Path(args.out) / url.rsplit("/", 1)[-1].split("?")[0]
-            src = download(url, src, progress=True)
+            src = download(url, args.src or checkpoint_path(args.out, url), progress=True, sha256=pinned(url)[0])
             print(f"checkpoint: {src}")
         for path in convert(src, args.out, dtype=args.dtype, force=args.force, progress=True):
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

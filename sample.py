@@ -6,6 +6,8 @@
     python sample.py --mode self-attention                     # the demo without IP-Adapter, even where it is converted
     python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
 
+On a fresh machine (no converted weights in --weights) it first downloads the SD 1.5 checkpoint and
+converts it, as `python convert_weights.py --download` does; `--no-download` stops with an error instead.
 The settings, files and folders are checked before the weights are loaded, so a mistake costs no time:
 it is reported as one line `error: …` on stderr, the exit status is 1, and nothing is written. Each image is saved as a
 PNG that carries its settings in the web UI's `parameters` text chunk (drp/png_info.py).
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import drp
 from drp import cache
+from drp.convert import convert
+from drp.convert import output_paths as converted_paths
 from drp.devices import resolve_device, resolve_dtype
+from drp.download import checkpoint_path, download, pinned, weights_url
 from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
@@ -131,6 +136,9 @@ def parse_args(argv=None):
     o.add_argument("--out", metavar="PATH", help=f"a folder (images named <seed>.png) or a file x.png "
                                                  f"(x-0.png, x-1.png, … for several; default: {DEFAULT_OUT}/)")
     o.add_argument("--weights", default="weights", metavar="DIR", help="converted weights (default: %(default)s)")
+    o.add_argument("--no-download", action="store_true",
+                   help="if DIR holds no converted weights, stop with an error instead of downloading the SD 1.5 "
+                        "checkpoint (about 4 GB, or $DRP_WEIGHTS_URL) into DIR and converting it")
     o.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,mps}", help="(default: %(default)s)")
     o.add_argument("--dtype", default="auto", metavar="{auto,fp32,fp16,bf16}",
                    help="(default: %(default)s: fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)")
@@ -220,6 +228,20 @@ def checked_settings(args):
     return device, dtype, paths
 
 
+def download_weights(folder, progress):
+    """A fresh machine: the SD 1.5 checkpoint downloaded into `folder` (or resumed) and converted there,
+    as `python convert_weights.py --download` does, saying first what is fetched and where."""
+    url = weights_url()
+    sha256, size = pinned(url)
+    dest = checkpoint_path(folder, url)
+    how_big = f"{size / 2**30:.1f} GiB" if size else "size as the server states"
+    print(f"{folder} holds no converted weights: downloading {dest.name} ({how_big}) from {url} into {dest}, "
+          f"then converting it into {folder} (--no-download stops instead)")
+    download(url, dest, progress=progress, sha256=sha256)
+    convert(dest, folder, dtype="fp16", progress=progress)
+    print(f"converted {dest} into {folder}; the downloaded file can be deleted")
+
+
 def generate_settings(args, mode):
     """The keyword arguments of drp.generate for this command line, with the options of the chosen mode."""
     settings = dict(
@@ -265,6 +287,8 @@ class WarnOnce:
 def run(args):
     demo = with_demo(args)
     device, dtype, paths = checked_settings(args)
+    if not args.no_download and not any(p.exists() for p in converted_paths(Path(args.weights))):
+        download_weights(Path(args.weights), progress=not args.no_progress)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
     mode = resolve_mode(sd, args.mode, references=bool(args.content or args.style))  # auto: by the files there
     print(first_line(args, mode, demo))

@@ -13,8 +13,9 @@ used or on the declared ignore list, and every shape agrees after the declared t
 each model is written tensor by tensor into a temporary file, and the finished set replaces the old
 one with `os.replace`, so an interrupted conversion leaves nothing half-written.
 
-Checkpoints are never unpickled with arbitrary code: `.ckpt`/`.bin` go through
-`torch.load(weights_only=True)`, `.safetensors` through `safe_open` (lazily, one tensor at a time).
+Checkpoints are never unpickled with arbitrary code: `.ckpt`/`.bin` go through drp/torch_files.py
+(`torch.load(weights_only=True)`; plain pickles are refused unread), `.safetensors` through `safe_open`
+(lazily, one tensor at a time).
 """
 
 import hashlib
@@ -34,6 +35,7 @@ from . import keymaps
 from .clip import CLIPConfig
 from .errors import DrpError
 from .model_io import FILE_DTYPES, FORMAT, MODELS, build_on_meta
+from .torch_files import read_state_dict
 from .unet import UNetConfig
 from .vae import VAEConfig
 
@@ -82,32 +84,26 @@ def open_tensors(path):
     path = Path(path)
     if not path.is_file():
         raise DrpError(f"{path} does not exist; give the path of an SD 1.x checkpoint file or diffusers folder.")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip format / legacy pickle
-        return _open_torch(path, mmap=head[:2] == b"PK")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise DrpError(f"{path} cannot be read ({e.strerror or e}); check the path and its permissions.") from None
     size = path.stat().st_size
     # safetensors: an 8-byte little-endian header length, then the JSON header
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+    is_safetensors = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size
+    if is_safetensors and head[:1] != b"\x80":  # 0x80 starts a pickle (torch.save's legacy format)
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         except SafetensorError as e:
             raise DrpError(f"{path} is a truncated or damaged safetensors file ({e}); download it again.") from None
         return Source(shapes, handle.get_tensor)
-    raise DrpError(f"{path} is not a checkpoint (neither safetensors nor a PyTorch file); "
-                   "give the path of an SD 1.x .safetensors or .ckpt file.")
+    return _open_torch(path)  # torch.save's zip or legacy format; anything else is refused there
 
 
-def _open_torch(path, mmap):
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError here
-        if "Weights only load failed" in str(e):
-            names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "Python objects"
-            raise DrpError(f"{path} can only be read by running code stored in it ({names}), which drp "
-                           "refuses to do; convert the .safetensors release of the checkpoint instead.") from None
-        raise DrpError(f"{path} is a truncated or damaged PyTorch file ({type(e).__name__}); download it again.") from None
+def _open_torch(path):
+    obj = read_state_dict(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps it, maybe twice
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -1,16 +1,20 @@
 """Downloading the public SD 1.5 checkpoint with the standard library only: resumable, size- and hash-checked.
 
-Where it sits: the first thing a user runs. The CLI downloads the single-file checkpoint
-(`v1-5-pruned-emaonly.safetensors`, about 4 GB) with `download`, then converts it into `weights/`.
+Where it sits: the first thing a user runs. `convert_weights.py --download`, and `sample.py` when `weights/`
+holds no converted weights, download the single-file checkpoint (`v1-5-pruned-emaonly.safetensors`,
+about 4 GB) with `download`, then convert it into `weights/`.
 
 Which URL: the CLI's `--url` wins over the environment variable `DRP_WEIGHTS_URL`, which wins over
 `DEFAULT_URL` (see `weights_url`).
 
-How the file is checked: Hugging Face's `/resolve/` endpoint answers with a redirect to a CDN, and that
-redirect states the file's sha256 in `X-Linked-ETag` and its size in `X-Linked-Size`; the CDN's own
-`ETag` is something else. So the headers of every redirect are kept, the sha256 is taken from
-`X-Linked-ETag` of any hop, else from an `ETag` of the host the URL names, and only when it reads as 64
-hex digits (`"…"` quotes and a weak `W/` prefix allowed). Without one, only the size is checked.
+How the file is checked: the default file's published sha256 is pinned here (`DEFAULT_SHA256`), and its
+download must hash to it whatever the server says; the size and the sha256 the server states are checked
+too, and for another URL (`--url`, `$DRP_WEIGHTS_URL`) they are all there is. Hugging Face's `/resolve/`
+endpoint answers with a redirect to a CDN, and that redirect states the file's sha256 in `X-Linked-ETag`
+and its size in `X-Linked-Size`; the CDN's own `ETag` is something else. So the headers of every redirect
+are kept, the sha256 is taken from `X-Linked-ETag` of any hop, else from an `ETag` of the host the URL
+names, and only when it reads as 64 hex digits (`"…"` quotes and a weak `W/` prefix allowed). Without a
+stated or pinned one, only the size is checked.
 
 What stays on disk: bytes go to `<dest>.part`, which a rerun resumes with an HTTP `Range` request;
 a complete and verified `.part` is renamed to `<dest>` with `os.replace`. A `.part` that is corrupted
@@ -34,6 +38,10 @@ DEFAULT_URL = (
     "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
     "v1-5-pruned-emaonly.safetensors"
 )
+# The file's published sha256 and size (Hugging Face's for the file; the AUTOMATIC1111 web UI and ComfyUI
+# pin the same hash): a download of DEFAULT_URL must hash to it, whatever the server states.
+DEFAULT_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+DEFAULT_SIZE = 4_265_146_304  # bytes (3.97 GiB)
 URL_ENV = "DRP_WEIGHTS_URL"
 CHUNK = 1 << 20  # bytes per read and per hash update
 TIMEOUT_S = 60  # seconds of silence from the server before giving up (a rerun resumes)
@@ -44,6 +52,16 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")  # "bytes 1000-1999/200
 def weights_url(url=None):
     """The checkpoint's URL: `url` (the CLI's --url) if given, else $DRP_WEIGHTS_URL, else DEFAULT_URL."""
     return url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def pinned(url):
+    """(sha256, size) published for the file at `url`: DEFAULT_URL's, else (None, None); the sha256 is checked."""
+    return (DEFAULT_SHA256, DEFAULT_SIZE) if url == DEFAULT_URL else (None, None)
+
+
+def checkpoint_path(folder, url):
+    """Where a download of `url` is kept: `folder`/<the file name in the URL>."""
+    return Path(folder) / url.rsplit("/", 1)[-1].split("?")[0]
 
 
 def sha256_from_etag(value):
@@ -143,16 +161,21 @@ def _fetch(url, part, progress, timeout):
     raise DrpError(f"{url} sent bytes from the wrong offset twice; run the command again or pass --url.")
 
 
-def download(url, dest_path, progress=True, timeout=TIMEOUT_S):
+def download(url, dest_path, progress=True, timeout=TIMEOUT_S, sha256=None):
     """Downloads `url` to `dest_path` (resuming `<dest_path>.part`) and returns the path; an existing
-    `dest_path` is returned as is, without any network access."""
+    `dest_path` is returned as is, without any network access. `sha256`, if given (`pinned(url)`), is
+    what the bytes must hash to, whatever the server states."""
     dest = Path(dest_path)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
-        size, sha256, digest = _fetch(url, part, progress, timeout)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DrpError(f"cannot create the folder {dest.parent} for the download ({e.strerror or e}); "
+                       "choose another folder.") from None
+    try:
+        size, stated, digest = _fetch(url, part, progress, timeout)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # OSError covers timeouts
         reason = getattr(e, "reason", e)
         if isinstance(e, urllib.error.HTTPError):
@@ -169,7 +192,9 @@ def download(url, dest_path, progress=True, timeout=TIMEOUT_S):
     if size is not None and got > size:
         found = f"{got} bytes instead of {size}"
     elif sha256 is not None and digest.hexdigest() != sha256:
-        found = f"sha256 {digest.hexdigest()} instead of {sha256}"
+        found = f"sha256 {digest.hexdigest()} instead of the published {sha256}"
+    elif stated is not None and digest.hexdigest() != stated:
+        found = f"sha256 {digest.hexdigest()} instead of {stated}"
     else:
         os.replace(part, dest)
         return dest

@@ -431,7 +431,7 @@ def test_cli_download_saves_into_the_out_folder_then_converts(tiny_ldm, tmp_path
     source = ck.save_checkpoint(tmp_path / "tiny.safetensors", tiny_ldm)
     fetched = []
 
-    def fake_download(url, dest, progress=True):
+    def fake_download(url, dest, progress=True, sha256=None):
         fetched.append((url, Path(dest)))
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         Path(dest).write_bytes(source.read_bytes())

@@ -90,15 +90,15 @@ def test_help_lists_every_option(capsys):
     shown = capsys.readouterr().out
     for flag in ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--height", "--width",
                  "--num-images", "--eta", "--out", "--weights", "--device", "--dtype", "--no-progress",
-                 "--tiled-decode", "--compile",
+                 "--tiled-decode", "--compile", "--no-download",
                  "--content", "--style", "--subject", "--content-mask", "--style-mask", "--switch-step",
                  "--report", "--cache-dir", "--no-cache", "--clear-cache", "--no-masks", "--fixed-switch",
                  "--layers", "--style-caption"):
         assert flag in shown, flag
 
 
-def test_missing_weights_says_in_one_line_what_to_run(tmp_path):
-    done = run_cli("--weights", tmp_path / "empty", "--prompt", "a cat", "--out", tmp_path, *QUICK)
+def test_missing_weights_with_no_download_says_in_one_line_what_to_run(tmp_path):
+    done = run_cli("--weights", tmp_path / "empty", "--no-download", "--prompt", "a cat", "--out", tmp_path, *QUICK)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
@@ -139,7 +139,7 @@ BAD_INPUTS = [  # (arguments, the start of the error sentence); {tmp} is the tes
                                                         "so it cannot take --content-mask or --style-mask"),
     (["--report", "{tmp}/report.txt"], "the report is a PNG picture"),
     (["--report", "{tmp}/missing/r.png"], "the report folder {tmp}/missing does not exist"),
-    (["--weights", "{tmp}/no-weights"], "{tmp}/no-weights holds no complete set of converted weights"),
+    (["--weights", "{tmp}/no-weights", "--no-download"], "{tmp}/no-weights holds no complete set of converted weights"),
 ]
 
 
