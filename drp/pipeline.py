@@ -7,6 +7,8 @@ With reference images (DRP-Diff, `drp/dual_reference.py`), each reference is fir
 a trajectory of latents; during sampling its latent at the current step is *replayed* as extra rows
 of the same UNet batch, and an attention hook lets the generated rows look at the references'
 self-attention keys/values. Which stage the hook is in is decided here, in the loop, step by step.
+With an image prompt (IP-Adapter, `drp/ip_adapter.py`), one hook, the same at every step, adds an
+attention over the picture's tokens to every cross-attention.
 
 The loop's building blocks (text and image encoding, noise, decoding, DDIM inversion) are in
 `drp/sampling.py`; the method is imported at the top, and imports only those blocks, never this file.
@@ -80,7 +82,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     if ip_image is not None:
         start = time.perf_counter()
         image_prompt = ip_adapter.image_prompt(sd, ip_image, ip_scale, batch)
-        timings["image prompt"] = time.perf_counter() - start
+        timings["image_prompt"] = time.perf_counter() - start
 
     # DRP-Diff: invert the references (or read them from the cache), find their masks, pick the switch step.
     method = prepare(sd, prompts, content=content, style=style, subject=subject, content_mask=content_mask,
@@ -93,7 +95,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     generators = [torch.Generator().manual_seed(s) for s in seeds] if eta > 0 else []
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
-        x_in, context, hook = torch.cat([x, x]), text, image_prompt
+        x_in, context, hook = torch.cat([x, x]), text, image_prompt  # the image prompt's hook, or None
         if method is not None:  # the replayed reference rows join the batch; the hook of this step's stage
             late = i >= method.switch_step
             x_in = torch.cat([x_in, method.latents_at(i)])
