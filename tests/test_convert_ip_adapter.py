@@ -17,7 +17,7 @@ from drp.convert import Source, convert
 from drp.errors import DrpError
 from drp.ip_adapter import attn2_layers, file_index
 from drp.unet import UNetConfig
-from ip_checkpoints import FILES, adapter_file, reference_encoder, save_adapter, write_h94_folder
+from ip_checkpoints import FILES, adapter_file, reference_encoder, write_h94_folder
 from manifests import MANIFESTS, read_manifest
 from tiny import tiny_weights_dir
 
