@@ -3,6 +3,7 @@
     python sample.py                                           # the demo (see DEMO below)
     python sample.py --prompt "a lighthouse at dusk" --seed 7 --out lighthouse.png
     python sample.py --prompt "a cat on a beach" --content cat.jpg --subject cat --style painting.jpg
+    python sample.py --mode self-attention                     # the demo without IP-Adapter, even where it is converted
     python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
 
 On a fresh machine (no converted weights in --weights) it first downloads the SD 1.5 checkpoint and
@@ -26,9 +27,11 @@ from drp.convert import output_paths as converted_paths
 from drp.devices import resolve_device, resolve_dtype
 from drp.download import checkpoint_path, download, pinned, weights_url
 from drp.dual_reference import Options
+from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
 from drp.images import load_image
 from drp.ip_adapter import attn2_layers, resolve_scale
+from drp.method_common import MODES, resolve_mode
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
@@ -101,6 +104,26 @@ def parse_args(argv=None):
     d.add_argument("--layers", default=",".join(Options().layers), metavar="BLOCKS",
                    help="comma-separated UNet blocks whose self-attention sees the references (default: %(default)s)")
     d.add_argument("--style-caption", default="", metavar="TEXT", help="caption to invert --style with (default: none)")
+    d.add_argument("--mode", choices=MODES, default="auto",
+                   help="how the references enter the image: self-attention (SD 1.5 alone, masks from inverted "
+                        "references), ip-adapter (the paper's: image tokens in the cross-attention, an SVD split of "
+                        "the image keys; needs `python convert_weights.py --download ip-adapter`), or auto "
+                        "(default): ip-adapter when its files are in --weights")
+
+    m = p.add_argument_group("DRP-Diff on IP-Adapter (--mode ip-adapter; see docs/ALGORITHM_IP_ADAPTER.md)")
+    ip_defaults = IPOptions()
+    m.add_argument("--rank-energy", type=number, default=ip_defaults.rank_energy, metavar="E",
+                   help="share of the singular values' energy that counts as foreground (default: %(default)s)")
+    m.add_argument("--rank-rule", choices=("energy", "gd"), default=ip_defaults.rank_rule,
+                   help="split the spectrum by --rank-energy or by the Gavish-Donoho threshold (default: %(default)s)")
+    m.add_argument("--scale-early", type=number, default=ip_defaults.scale_early, metavar="S",
+                   help="image-attention scale of the early stage (default: %(default)s)")
+    m.add_argument("--scale-late", type=number, default=ip_defaults.scale_late, metavar="S",
+                   help="image-attention scale of the late stage (default: %(default)s)")
+    m.add_argument("--late", choices=("both", "style-only"), default=ip_defaults.late,
+                   help="late-stage image tokens: both references, or the style's alone (default: %(default)s)")
+    m.add_argument("--no-bg-prompt", action="store_true",
+                   help="ablation: keep the subject's words in the early stage's text")
 
     i = p.add_argument_group("IP-Adapter image prompt (after `python convert_weights.py --download ip-adapter`)")
     i.add_argument("--ip-image", action="append", metavar="IMG",
@@ -177,6 +200,9 @@ def checked_settings(args):
         raise DrpError(f"--num-images must be a whole number ≥ 1, got {args.num_images}.")
     if not 0 <= args.seed <= MAX_SEED:
         raise DrpError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}.")
+    if args.no_masks and (args.content_mask or args.style_mask):
+        raise DrpError("--no-masks gives every reference token to every query, so it cannot take --content-mask "
+                       "or --style-mask; drop the mask or --no-masks.")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("content", "style", "content_mask", "style_mask"):
@@ -191,6 +217,11 @@ def checked_settings(args):
         if missing:
             raise DrpError(f"--ip-image needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
                            "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    if args.mode == "ip-adapter" and (args.content or args.style):
+        missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
+        if missing:
+            raise DrpError(f"--mode ip-adapter needs IP-Adapter's files, and {args.weights} lacks "
+                           f"{', '.join(missing)}; add them with `python convert_weights.py --download ip-adapter`.")
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
@@ -213,18 +244,34 @@ def download_weights(folder, progress):
     print(f"converted {dest} into {folder}; the downloaded file can be deleted")
 
 
-def generate_settings(args):
-    """The keyword arguments of drp.generate for this command line."""
-    return dict(
+def generate_settings(args, mode):
+    """The keyword arguments of drp.generate for this command line, with the options of the chosen mode."""
+    settings = dict(
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, eta=args.eta, num_images=args.num_images, progress=not args.no_progress,
         content=args.content, style=args.style, subject=args.subject, content_mask=args.content_mask,
         style_mask=args.style_mask, switch_step=args.switch_step, tiled_decode=args.tiled_decode,
-        ip_image=args.ip_image, ip_scale=args.ip_scale,
-        # DRP-Diff's options (drp/dual_reference.py, Options)
-        layers=args.layers, use_masks=not args.no_masks, fixed_switch=args.fixed_switch,
-        style_caption=args.style_caption, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        ip_image=args.ip_image, ip_scale=args.ip_scale, mode=mode, fixed_switch=args.fixed_switch,
     )
+    if mode == "ip-adapter":  # drp/dual_reference_ip.py, Options
+        return settings | dict(rank_energy=args.rank_energy, rank_rule=args.rank_rule, scale_early=args.scale_early,
+                               scale_late=args.scale_late, late=args.late, bg_prompt=not args.no_bg_prompt)
+    return settings | dict(  # drp/dual_reference.py, Options
+        layers=args.layers, use_masks=not args.no_masks, style_caption=args.style_caption, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache)
+
+
+def first_line(args, mode, demo):
+    """What the run does, said first: the mode (and the demo's inputs)."""
+    if args.content or args.style:
+        what = {"ip-adapter": "DRP-Diff on IP-Adapter (cross-attention, SVD-split image keys)",
+                "self-attention": "DRP-Diff in self-attention (SD 1.5 alone, inverted references)"}[mode]
+        line = f"mode: {mode}: {what}"
+    else:
+        line = "mode: text-to-image" + (" with an IP-Adapter image prompt" if args.ip_image else "")
+    if demo:
+        line += f"; demo: {args.prompt!r} with {args.content} (content) and {args.style} (style)"
+    return line
 
 
 class WarnOnce:
@@ -240,19 +287,20 @@ class WarnOnce:
 
 
 def run(args):
-    if with_demo(args):
-        print(f"demo: {args.prompt!r} with {args.content} (content) and {args.style} (style)")
+    demo = with_demo(args)
     device, dtype, paths = checked_settings(args)
     if not args.no_download and not any(p.exists() for p in converted_paths(Path(args.weights))):
         download_weights(Path(args.weights), progress=not args.no_progress)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
+    mode = resolve_mode(sd, args.mode, references=bool(args.content or args.style))  # auto: by the files there
+    print(first_line(args, mode, demo))
     if args.compile:  # compiled on its first call of each shape and kind of hook, then reused
         print("--compile: the first steps compile the UNet (about a minute on a GPU, more with references)")
         sd.unet.compile()
     if args.clear_cache:
         folder = args.cache_dir or cache.default_cache_dir()
         print(f"cache cleared: {folder} ({cache.clear(folder)} removed)")
-    result = drp.generate(sd, args.prompt, **generate_settings(args))
+    result = drp.generate(sd, args.prompt, **generate_settings(args, mode))
 
     paths[0].parent.mkdir(exist_ok=True)  # only the default folder can be missing here
     for k, (image, path) in enumerate(zip(result.images, paths)):

@@ -20,6 +20,9 @@ with other work slows both alike.
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
     ip-adapter  IP-Adapter: image encoder forward, the CFG step with the adapter and its share, loading the
                 encoder (only with --only ip-adapter; drp/bench_ip_adapter.py)
+    drp-ip      DRP-Diff's IP-Adapter mode (drp/bench_drp_ip.py): its step vs a plain CFG step, the 16
+                SVDs, its first run vs the self-attention mode's (only with --only drp-ip: it builds a
+                random ViT-H/14 encoder, 2.5 GB in fp32)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
 number of steps and nothing else does, so total(50) = total(k) + unet_time(k) × (50/k − 1).
@@ -47,8 +50,8 @@ from .model_io import MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter"]
-OPT_IN = ("compile", "ip-adapter")  # measured only when asked for (--compile, --only ip-adapter)
+TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter", "drp-ip"]
+OPT_IN = ("compile", "ip-adapter", "drp-ip")  # measured only when asked for (--compile, --only …)
 
 
 # ---- the parent: plan, run the children one at a time, report -----------------------------------------
@@ -195,6 +198,10 @@ def measure(args, spec, workdir, configs, say):
         from . import bench_ip_adapter
 
         rows += bench_ip_adapter.measure(spec, child, ours_then_reference, row, args.repeats)
+    if "drp-ip" in tasks:
+        from .bench_drp_ip import rows as drp_ip_rows
+
+        rows += drp_ip_rows(child("drp-ip"), spec, row)
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -211,6 +218,7 @@ TARGETS = [  # (row name prefix, what, bound, when) from the issue; checked wher
     ("load", "ratio", 1.0, "any"), ("load", "peak", 0.8, "any"), ("cold load", "ratio", 1.0, "any"),
     ("DRP step 64×64 (late)", "ratio", 2.2, "any"), ("DRP step 64×64 (early)", "ratio", 2.2, "any"),
     ("DRP generation: cached", "ratio", 0.75, "any"),
+    ("DRP-IP step 64×64 (early)", "ratio", 1.15, "any"), ("DRP-IP step 64×64 (late)", "ratio", 1.15, "any"),
 ]
 
 

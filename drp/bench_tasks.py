@@ -443,9 +443,15 @@ def task_compile(spec, device, dtype):
     return {"first_call": first, "times": times}
 
 
+def task_drp_ip(spec, device, dtype):  # DRP-Diff's IP-Adapter mode has its own file
+    from .bench_drp_ip import task_drp_ip
+
+    return task_drp_ip(spec, device, dtype)
+
+
 TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_vae, "text": task_text,
                   "attention": task_attention, "generate": task_generate, "drp": task_drp, "load": task_load,
-                  "compile": task_compile}
+                  "compile": task_compile, "drp-ip": task_drp_ip}
 
 
 def task_function(name):

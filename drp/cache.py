@@ -2,8 +2,9 @@
 
 Where it sits in DRP-Diff: before sampling, each reference image is DDIM-inverted (one UNet pass per
 step) and its attention statistics recorded. That work is a pure function of (image pixels, caption,
-steps, size, weights), so the result is stored under a hash of exactly those and reused when a user
-iterates on the prompt or the seed. The CLI's `--cache-dir` picks the folder, `--no-cache` skips it.
+steps, size, weights, compute dtype, recording settings), so the result is stored under a hash of
+every one of those and reused when a user iterates on the prompt or the seed: a cached rerun equals a
+fresh run whatever the options. The CLI's `--cache-dir` picks the folder, `--no-cache` skips it.
 
 Each entry is one safetensors file `drp-<sha256>.safetensors` holding the tensors the caller gives
 (latents, attention maps) and string metadata, including a checksum of the tensor bytes: a damaged
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 
 from .errors import DrpError
 
-FORMAT = 1  # bump when what is stored changes: old entries then simply stop matching
+FORMAT = 2  # bump when what is stored changes: old entries then simply stop matching (2: recording in the key)
 PREFIX, SUFFIX = "drp-", ".safetensors"
 ENTRY = re.compile(r"drp-[0-9a-f]{64}\.safetensors")
 LEFTOVER = re.compile(r"\.drp-[0-9a-f]{64}\..*\.tmp")  # temporary files of interrupted writes
@@ -35,16 +36,19 @@ def default_cache_dir():
     return Path(os.environ.get("DRP_CACHE_DIR") or Path.home() / ".cache" / "drp").expanduser()
 
 
-def cache_key(image_rgb_pil, caption, steps, width, height, weights_id):
+def cache_key(image_rgb_pil, caption, steps, width, height, weights_id, dtype="float32", recording=None):
     """A hex sha256 naming one reference trajectory.
 
     Hashes the decoded RGB pixels (not the file bytes: the same picture saved as PNG, re-encoded or
     renamed gives the same key) with the image size, the caption, the number of steps, the output
-    size and the identity of the weights (e.g. the checkpoint's sha256).
+    size, the identity of the weights (e.g. the checkpoint's sha256), the compute dtype, and
+    `recording`: a JSON-able dict of everything else that changes what is stored (ALGORITHM.md §1:
+    the layers and timesteps that feed the masks, the subject's token positions, the stored dtype).
     """
     img = image_rgb_pil.convert("RGB")
     fields = dict(format=FORMAT, image_size=list(img.size), caption=caption, steps=steps, width=width,
-                  height=height, weights=str(weights_id))
+                  height=height, weights=str(weights_id), dtype=str(dtype).removeprefix("torch."),
+                  recording=recording or {})
     h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     h.update(b"\0")  # the JSON header ends here; the pixels follow
     h.update(img.tobytes())

@@ -15,6 +15,10 @@ as SD 1.x loads it through `FrozenCLIPEmbedder` of CompVis/stable-diffusion
 Parameter names are those of transformers' `CLIPTextModel` files (`text_model.encoder.layers.N...`),
 so `text_encoder/model.safetensors` of a diffusers folder loads with no key map. The files also
 hold `text_model.embeddings.position_ids`, which is just `arange(77)`; we compute it instead.
+
+The evaluation harness (drp/evaluate/metrics.py) scores prompts against images with the same class,
+sized from a CLIPModel's config.json (`CLIPConfig.from_transformers`; ViT-B/32's text tower is 512
+wide) and with CLIP's own pooling and projection (`CLIPTextModelWithProjection`).
 """
 
 from dataclasses import dataclass
@@ -24,6 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DrpError
+
+# transformers' CLIPTextConfig defaults (those of OpenAI's ViT-B/32), for keys a config.json leaves out
+TEXT_DEFAULTS = dict(vocab_size=49408, max_position_embeddings=77, hidden_size=512, num_hidden_layers=12,
+                     num_attention_heads=8, intermediate_size=2048, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,21 @@ class CLIPConfig:
     def tiny(cls):
         """A small configuration for tests; vocabulary and context length stay real."""
         return cls(dim=128, layers=2, heads=2, mlp_dim=256)
+
+    @classmethod
+    def from_transformers(cls, config):
+        """A transformers config.json dict: a CLIPTextConfig, or a CLIPModel's (its text half).
+
+        Any size of OpenAI's CLIPs: ViT-B/32's text tower is 512 wide with 8 heads, L/14's (SD's) 768
+        with 12. Keys a file leaves out take transformers' defaults, as transformers reads them.
+        """
+        text = (config.get("text_config") or {}) if config.get("model_type") == "clip" else config
+        c = {**TEXT_DEFAULTS, **text}
+        if c["hidden_act"] != "quick_gelu" or float(c["layer_norm_eps"]) != 1e-5:
+            raise DrpError(f"this CLIP text config uses {c['hidden_act']} and LayerNorm eps {c['layer_norm_eps']}; "
+                           "drp's text encoder is OpenAI CLIP's (quick_gelu, eps 1e-5).")
+        return cls(vocab_size=c["vocab_size"], max_len=c["max_position_embeddings"], dim=c["hidden_size"],
+                   layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"])
 
 
 def quick_gelu(x):
@@ -143,3 +166,26 @@ class CLIPTextModel(nn.Module):
         for layer in m.encoder.layers:
             x = layer(x)
         return m.final_layer_norm(x)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text embedding, as CLIP scores text against images: the first end-of-text token, projected.
+
+    The last hidden state at the first `<|endoftext|>` (49407) sums up the prompt: attention is causal, so
+    it is the first position that has seen every word. `text_projection` (no bias) maps it into the space
+    the image tower projects into. Names are those of a transformers `CLIPModel` file, whose text half
+    (`text_model.*`, `text_projection.weight`) loads with no map.
+    """
+
+    def __init__(self, cfg: CLIPConfig = CLIPConfig(), projection_dim: int = 768):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.dim, projection_dim, bias=False)
+
+    def embed(self, tokens, eos_id=49407):
+        """tokens (B, 77) from the tokenizer -> text embeddings (B, projection_dim), not normalised."""
+        hidden = self(tokens)  # (B, 77, dim)
+        first_eos = (tokens == eos_id).int().argmax(dim=1)  # argmax returns the first of equal maxima
+        if not (tokens == eos_id).any(dim=1).all():
+            raise DrpError("every row of token ids needs an end-of-text token (49407); tokenize with drp's Tokenizer.")
+        pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), first_eos]  # (B, dim)
+        return self.text_projection(pooled)

@@ -19,11 +19,9 @@ on the model: each step gets a fresh hook object.
 """
 
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +29,13 @@ from . import cache, entropy, masks
 from .attention import attend, attention_probs
 from .errors import DrpError
 from .images import fit, load_image, load_mask
-from .sampling import encode_text, invert
+from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, subject_positions,
+                            subject_tokens as find_subject)
+from .sampling import TRAJECTORY_DTYPE, encode_text, invert
+
+USER_MASK = "user mask"
+NO_BACKGROUND = "whole image (no background found)"  # §2: the late stage's fallback, named in the report
+ADAIN_MIN_TOKENS = 16  # §3: fewer style-background tokens than this at a grid: AdaIN statistics over all of them
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,6 @@ class Options:
     record_t: tuple = (200, 800)  # inversion steps whose attention makes the masks
     gen_mask_warmup: int = 5  # steps before the generated subject mask is trusted
     gen_mask_threshold: float = 0.3
-
-
-def subject_positions(sd, text, subject):
-    """Token positions (in the 77-token row, BOS at 0) of the words of `subject` inside `text`."""
-    words, ids = sd.tokenizer.encode(subject), sd.tokenizer.encode(text)
-    for start in range(len(ids) - len(words) + 1):
-        if ids[start : start + len(words)] == words:
-            return [1 + start + j for j in range(len(words)) if 1 + start + j < 76]
-    return None
 
 
 def in_layers(name, prefixes):
@@ -100,13 +95,19 @@ class Reference:
     seconds: float = 0.0  # time spent inverting (0 when read from the cache)
 
 
+def recording(opts, tokens):
+    """What, besides the picture, caption, steps, size, weights and dtype, decides what a cache entry holds (§1)."""
+    return dict(record_t=list(opts.record_t), mask_layers=list(opts.mask_layers), self_layer=opts.self_layer,
+                subject_tokens=tokens, cross_recorded=bool(tokens), latents_dtype=str(TRAJECTORY_DTYPE))
+
+
 def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress):
-    """Invert (or read from the cache) one reference and find its foreground."""
+    """Invert (or read from the cache) one reference and find its foreground (`user_mask`: a loaded mask or None)."""
     img = load_image(image, f"{kind} reference")
     fitted = fit(img, width, height)
     weights_id = (sd.source or {}).get("sha256")
     use_cache = opts.use_cache and weights_id is not None  # weights of unknown origin: never share entries
-    key = cache.cache_key(fitted, caption, steps, width, height, weights_id)
+    key = cache.cache_key(fitted, caption, steps, width, height, weights_id, sd.dtype, recording(opts, tokens))
     folder = opts.cache_dir or cache.default_cache_dir()
     stored = cache.load(folder, key) if use_cache else None
     cached = stored is not None
@@ -131,7 +132,7 @@ def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height
     seconds = time.perf_counter() - start if not cached else 0.0
 
     if user_mask is not None:
-        mask, rule = load_mask(user_mask, width, height, f"{kind} mask"), "user mask"
+        mask, rule = user_mask, USER_MASK
     elif not opts.use_masks:
         mask, rule = torch.ones(height, width), "no masks (ablation)"
     elif "self_attn" not in stored:  # too few steps fell inside record_t to make a mask
@@ -162,27 +163,43 @@ class DualReference:
     def hook(self, i, late):
         return StepHook(self, i, late)
 
+    def step_inputs(self, i, late, x_in, text):
+        """The UNet's input, text and hook at step i: the replayed reference rows join the batch."""
+        return torch.cat([x_in, self.latents_at(i)]), torch.cat([text, self.context]), self.hook(i, late)
+
     def tokens(self, kind, part, hw):
-        """Indices of a reference's foreground ("fg") or background ("bg") tokens at grid hw."""
+        """Indices of a reference's foreground ("fg"), background ("bg") or "all" tokens at grid hw."""
         key = (kind, part, hw)
         if key not in self._index:
-            fg = masks.resize_mask(self.refs[kind].mask, hw).flatten() > 0.5
-            if not self.opts.use_masks:
-                fg = torch.ones_like(fg)
-            chosen = fg if part == "fg" or not self.opts.use_masks else ~fg
+            ref = self.refs[kind]
+            fg = masks.resize_mask(ref.mask, hw).flatten() > 0.5
+            chosen = fg if part == "fg" else ~fg
+            if part == "all" or not self.opts.use_masks:
+                chosen = torch.ones_like(fg)
+            elif part == "bg" and not chosen.any() and ref.rule != USER_MASK:
+                chosen = torch.ones_like(fg)  # §2: an automatic mask must not switch the late stage off
+                self.no_background(kind, hw)
             self._index[key] = chosen.nonzero().squeeze(1).to(self.context.device)
         return self._index[key]
 
+    def no_background(self, kind, hw):
+        """Say, once per run, that the whole reference stands in for its background (ALGORITHM.md §2)."""
+        if self._report["mask_rule"].get(kind) != NO_BACKGROUND:
+            self._report["mask_rule"][kind] = NO_BACKGROUND
+            warnings.warn(f"the automatic {kind} mask leaves no background at the {hw[0]}×{hw[1]} attention grid; "
+                          f"the late stage takes the whole {kind} reference as its background there.", stacklevel=2)
+
     def report(self):
-        report = dict(self._report)
-        if self.generated_mask is not None:
-            report["coverage"] = dict(report["coverage"], generated=float(self.generated_mask.mean()))
+        report = dict(self._report, mask_rule=dict(self._report["mask_rule"]))
+        if self.generated_mask is not None:  # one coverage per generated image
+            report["coverage"] = dict(report["coverage"], generated=self.generated_mask.mean(dim=(1, 2)).tolist())
         return report
 
     def masks(self):
         out = {kind: r.mask for kind, r in self.refs.items()}
-        if self.generated_mask is not None:  # the last step's subject mask, at image resolution
-            out["generated"] = masks.upsample_mask(self.generated_mask, next(iter(out.values())).shape)
+        if self.generated_mask is not None:  # the last step's subject mask of each image, at image resolution
+            size = next(iter(out.values())).shape
+            out["generated"] = torch.stack([masks.upsample_mask(m, size) for m in self.generated_mask])
         return out
 
 
@@ -235,7 +252,7 @@ class StepHook:
         if hw not in self._gen:
             maps = [masks.normalise(c) >= self.m.opts.gen_mask_threshold for c in self.cross / self.cross_n]
             fine = torch.stack([masks.resize_mask(mk.float(), hw) for mk in maps])  # (B, h, w)
-            self.m.generated_mask = maps[0].float()
+            self.m.generated_mask = torch.stack(maps).float()  # (B, h', w'): every image's subject
             self._gen[hw] = fine
         fine = self._gen[hw].flatten(1) > 0.5  # (B, N); the unconditional and conditional rows share it
         return torch.cat([fine] * (rows // fine.shape[0]))
@@ -261,9 +278,10 @@ class StepHook:
 
         if has_st:  # late stage: the style's background is the texture source
             k_bg, v_bg = part("style", "bg", k_ref), part("style", "bg", v_ref)
-            if m.opts.adain and k_bg.shape[2] > 0:
-                q = adain(q, part("style", "bg", q_ref)[:1])
-                k = adain(k, k_bg[:1])
+            if m.opts.adain:  # statistics of the background, or of every style token when it is a handful (§3)
+                stats = "bg" if k_bg.shape[2] >= ADAIN_MIN_TOKENS else "all"
+                q = adain(q, part("style", stats, q_ref)[:1])
+                k = adain(k, part("style", stats, k_ref)[:1])
             k_back, v_back = torch.cat([k, k_bg], dim=2), torch.cat([v, v_bg], dim=2)
         else:
             k_back, v_back = k, v
@@ -292,39 +310,27 @@ def attend_split(q, fg, fore, back):
     return out
 
 
-def reference_name(image):
-    """How a reference is named in reports: its file name, or "<image>" for an image given in memory."""
-    return Path(image).name if isinstance(image, (str, os.PathLike)) else "<image>"
-
-
 def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=None, style_mask=None,
             switch_step=None, steps=50, height=512, width=512, progress=True, timings=None, **options):
     """Everything DRP-Diff needs before sampling, or None when there is no reference (plain text-to-image)."""
-    known = {f.name for f in fields(Options)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DrpError(f"unknown option {unknown[0]!r}; DRP-Diff's options are: {', '.join(sorted(known))}.")
     if "layers" in options and isinstance(options["layers"], str):
         options["layers"] = tuple(s.strip() for s in options["layers"].split(",") if s.strip())
-    opts = Options(**options)
-    if subject is not None and content is None:
-        warnings.warn("a subject was given without a content reference; it only shapes the generated mask.",
-                      stacklevel=3)
+    opts = make_options(Options, options, "self-attention")
+    if not opts.use_masks and (content_mask is not None or style_mask is not None):
+        raise DrpError("use_masks=False (--no-masks) gives every reference token to every query, so it cannot "
+                       "take a user mask; drop the mask or the ablation.")
+    if subject is not None and content is None:  # no subject is placed, so no generated subject mask either
+        in_caption = style is not None and subject_positions(sd, opts.style_caption, subject) is not None
+        warnings.warn("a subject was given without a content reference, so nothing uses it"
+                      + (" but the style mask (it is a word of the style caption)" if in_caption else "")
+                      + "; give a content reference too, or leave the subject out.", stacklevel=3)
     if content is None and style is None:
         return None
-    if switch_step is not None and not (isinstance(switch_step, int) and 0 <= switch_step <= steps):
-        raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), "
-                       f"got {switch_step!r}.")
+    check_switch_step(switch_step, steps)
 
-    subject_tokens = [None] * len(prompts)
-    if subject:
-        subject_tokens = [subject_positions(sd, p, subject) for p in prompts]
-        for p, tokens in zip(prompts, subject_tokens):
-            if tokens is None:
-                words = " ".join(repr(w) for w in p.split())
-                raise DrpError(f"the subject {subject!r} is not a word of the prompt ({words}); "
-                               "pass one of the prompt's words as subject.")
-    elif content is not None:
+    # per prompt, the subject's token positions; only a content reference's subject is looked for
+    subject_tokens = find_subject(sd, prompts, subject if content is not None else None)
+    if content is not None and not subject:
         warnings.warn("no subject was given: the content reference's foreground is guessed from its borders; "
                       "pass subject= (the word naming it in the prompt) for a better mask.", stacklevel=3)
 
@@ -335,12 +341,14 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
         caption = f"a photo of a {subject}" if kind == "content" and subject else (
             "a photo" if kind == "content" else opts.style_caption)
         tokens = subject_positions(sd, caption, subject) if subject else None
+        if user_mask is not None:
+            user_mask = load_mask(user_mask, width, height, f"{kind} mask")
+            if not user_mask.any():  # before inverting it: a reference that selects nothing costs nothing
+                warnings.warn(f"the {kind} mask is all black: it selects nothing, so the {kind} reference is "
+                              "ignored.", stacklevel=3)
+                continue
         ref = prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress)
         coverage = float(ref.mask.mean())
-        if coverage == 0:
-            warnings.warn(f"the {kind} mask is all black: it selects nothing, so the {kind} reference is ignored.",
-                          stacklevel=3)
-            continue
         if coverage == 1 and user_mask is not None:
             warnings.warn(f"the {kind} mask is all white: the whole {kind} reference counts as foreground"
                           + (", so no style background is left for the late stage." if kind == "style" else "."),
@@ -354,12 +362,10 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
 
     h_cu = refs["content"].entropy if "content" in refs else None
     h_st = refs["style"].entropy if "style" in refs else None
-    alpha = 0.5 if opts.fixed_switch else entropy.switch_fraction(h_cu, h_st)
-    n_e = entropy.switch_step(alpha, steps) if switch_step is None else switch_step
     report = dict(subject=subject, content=reference_name(content) if "content" in refs else None,
-                  style=reference_name(style) if "style" in refs else None, H_cu=h_cu, H_st=h_st,
-                  rho=h_cu / h_st if h_cu is not None and h_st else None, alpha=alpha,
-                  switch_step=n_e, steps=steps, coverage={k: float(r.mask.mean()) for k, r in refs.items()},
+                  style=reference_name(style) if "style" in refs else None,
+                  **entropy_switch(h_cu, h_st, steps, switch_step, opts.fixed_switch),
+                  coverage={k: float(r.mask.mean()) for k, r in refs.items()},
                   mask_rule={k: r.rule for k, r in refs.items()}, cached={k: r.cached for k, r in refs.items()},
                   layers=list(opts.layers))
-    return DualReference(refs, opts, len(prompts), subject_tokens, n_e, report)
+    return DualReference(refs, opts, len(prompts), subject_tokens, report["switch_step"], report)

@@ -3,12 +3,16 @@
     prompt ──tokenizer──► ids ──text_encoder──► context (B, 77, 768)
     noise (B, 4, H/8, W/8) ──[UNet + guidance + DDIM step] × steps──► latent ──VAE decoder──► image
 
-With reference images (DRP-Diff, `drp/dual_reference.py`), each reference is first DDIM-inverted into
-a trajectory of latents; during sampling its latent at the current step is *replayed* as extra rows
-of the same UNet batch, and an attention hook lets the generated rows look at the references'
-self-attention keys/values. Which stage the hook is in is decided here, in the loop, step by step.
-With an image prompt (IP-Adapter, `drp/ip_adapter.py`), one hook, the same at every step, adds an
-attention over the picture's tokens to every cross-attention.
+With reference images, DRP-Diff runs in one of two modes. Self-attention (`drp/dual_reference.py`): each
+reference is first DDIM-inverted into a trajectory of latents; during sampling its latent at the
+current step is *replayed* as extra rows of the same UNet batch, and an attention hook lets the
+generated rows look at the references' self-attention keys/values. IP-Adapter
+(`drp/dual_reference_ip.py`): the references become image tokens in every cross-attention, through
+key matrices split by their singular values, and the early stage's text leaves the subject out.
+Either way the method gives each step its extra rows, its text and its hook through one call,
+`method.step_inputs(i, late, x_in, text)`; which stage a step is in is decided here, in the loop.
+With an image prompt (IP-Adapter, `drp/ip_adapter.py`) and no references, one hook, the same at every
+step, adds an attention over the picture's tokens to every cross-attention.
 
 The loop's building blocks (text and image encoding, noise, decoding, DDIM inversion) are in
 `drp/sampling.py`; the method is imported at the top, and imports only those blocks, never this file.
@@ -23,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import ddim, ip_adapter
-from .dual_reference import prepare
+from . import ddim, dual_reference, dual_reference_ip, ip_adapter
 from .errors import DrpError
 from .images import to_pil
+from .method_common import resolve_mode
 from .sampling import check_settings, decode, encode_text, initial_latents
 
 
@@ -42,14 +46,16 @@ class Result:
 
 def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512, width=512, seed=0, eta=0.0,
              latents=None, num_images=1, content=None, style=None, subject=None, content_mask=None,
-             style_mask=None, switch_step=None, tiled_decode=False, progress=True, ip_image=None, ip_scale=0.6,
-             **drp_options):
+             style_mask=None, switch_step=None, mode="auto", tiled_decode=False, progress=True, ip_image=None,
+             ip_scale=0.6, **drp_options):
     """Text (and optionally reference images) -> `Result`.
 
     prompt: a string or a list (one image each); `num_images` images per prompt, image k with seed
     `seed + k`. `latents` overrides the initial noise. `content`/`style`/`subject`/masks/`switch_step`
-    turn on DRP-Diff (see ALGORITHM.md); further DRP-Diff knobs are listed in
-    `dual_reference.Options` and passed by name. `tiled_decode`: decode images larger than 512 px in
+    turn on DRP-Diff; `mode` picks how: "self-attention" (ALGORITHM.md, SD alone), "ip-adapter"
+    (ALGORITHM_IP_ADAPTER.md, needs the converted IP-Adapter), or "auto" = "ip-adapter" when its weights
+    are loaded. Further DRP-Diff knobs are the mode's `Options` (drp/dual_reference.py,
+    drp/dual_reference_ip.py), passed by name. `tiled_decode`: decode images larger than 512 px in
     overlapping 512-px tiles, so that the decoder's memory does not grow with the image (VAE.decode).
     `ip_image`: an image prompt (a picture, a path, or a list of them) through IP-Adapter, at `ip_scale`
     (a number, or per block: {"up_blocks.1": 1.0}; see ip_adapter.resolve_scale).
@@ -60,9 +66,10 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     if not isinstance(num_images, int) or num_images < 1:
         raise DrpError(f"num_images must be a whole number ≥ 1, got {num_images!r}.")
     check_settings(steps, guidance, height, width, eta)
+    mode = resolve_mode(sd, mode, references=content is not None or style is not None)  # "auto": see there
     if ip_image is not None and (content is not None or style is not None):
-        raise DrpError("an image prompt (ip_image) cannot be combined with content/style references yet; "
-                       "give either ip_image or content/style.")
+        raise DrpError("ip_image cannot be combined with DRP-Diff's content/style references; give the "
+                       "pictures as content= and style= (mode=\"ip-adapter\" puts them in the cross-attention).")
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [negative_prompt] * len(prompts)
     seeds = [seed + k for k in range(len(prompts))]
@@ -84,10 +91,17 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
         image_prompt = ip_adapter.image_prompt(sd, ip_image, ip_scale, batch)
         timings["image_prompt"] = time.perf_counter() - start
 
-    # DRP-Diff: invert the references (or read them from the cache), find their masks, pick the switch step.
-    method = prepare(sd, prompts, content=content, style=style, subject=subject, content_mask=content_mask,
-                     style_mask=style_mask, switch_step=switch_step, steps=steps, height=height, width=width,
-                     progress=progress, timings=timings, **drp_options)
+    # DRP-Diff: prepare the references and pick the switch step. Self-attention mode: invert them (or read
+    # the cache) and find their masks; IP-Adapter mode: encode them into image tokens and split the keys.
+    if mode == "ip-adapter":
+        method = dual_reference_ip.prepare(sd, prompts, content=content, style=style, subject=subject,
+                                           content_mask=content_mask, style_mask=style_mask, switch_step=switch_step,
+                                           steps=steps, progress=progress, timings=timings, **drp_options)
+    else:
+        method = dual_reference.prepare(sd, prompts, content=content, style=style, subject=subject,
+                                        content_mask=content_mask, style_mask=style_mask, switch_step=switch_step,
+                                        steps=steps, height=height, width=width, progress=progress,
+                                        timings=timings, **drp_options)
 
     start = time.perf_counter()
     alphas = ddim.alphas_cumprod().to(sd.device)
@@ -96,11 +110,9 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
         x_in, context, hook = torch.cat([x, x]), text, image_prompt  # the image prompt's hook, or None
-        if method is not None:  # the replayed reference rows join the batch; the hook of this step's stage
+        if method is not None:  # this step's stage decides the method's extra rows, text and attention hook
             late = i >= method.switch_step
-            x_in = torch.cat([x_in, method.latents_at(i)])
-            context = torch.cat([context, method.context])
-            hook = method.hook(i, late)
+            x_in, context, hook = method.step_inputs(i, late, x_in, context)
         with torch.no_grad():
             eps = sd.unet(x_in.to(sd.dtype), t, context, hook)[: 2 * batch].float()
         eps_uncond, eps_text = eps.chunk(2)
@@ -122,6 +134,6 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     if image_prompt is not None:
         info["ip_adapter"] = ip_adapter.report(sd, ip_image, ip_scale)
     if method is not None:
-        info["drp"] = method.report()
+        info["drp"] = {"mode": mode, **method.report()}
         masks = method.masks()
     return Result(images, x.cpu(), info, masks)

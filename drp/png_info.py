@@ -28,6 +28,7 @@ from .errors import DrpError
 
 # DRP-Diff's report keys (`result.info["drp"]`) shown in the parameters line, in this order.
 DRP_FIELDS = (
+    ("mode", "DRP mode"),
     ("subject", "DRP subject"),
     ("content", "DRP content"),
     ("style", "DRP style"),
@@ -36,6 +37,14 @@ DRP_FIELDS = (
     ("rho", "DRP rho"),
     ("alpha", "DRP alpha"),
     ("switch_step", "DRP switch step"),
+    ("adapter", "DRP IP-Adapter"),  # the ip-adapter mode's file and knobs
+    ("rank_energy", "DRP rank energy"),
+    ("rank_rule", "DRP rank rule"),
+    ("floor", "DRP floor"),
+    ("power", "DRP power"),
+    ("scale_early", "DRP scale early"),
+    ("scale_late", "DRP scale late"),
+    ("late", "DRP late"),
 )
 
 

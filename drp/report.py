@@ -9,9 +9,14 @@ H_cu, H_st, ρ, α, and the step N_e at which the early stage handed over to the
     │ content │  style  │ generated │ output │   panels at the output size, masks tinted red
     │ + mask  │ + mask  │ + mask    │        │
     └─────────┴─────────┴───────────┴────────┘
+     [σ plots: one per grid, the IP-Adapter mode only]
      captions, then the prompt, seed and DRP-Diff numbers as text lines
 
-Panels for a reference or mask that is not there are left out. PIL only, with its default font.
+The IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B3) has no masks; its report shows the adapter, the split's
+knobs e/ε/p, the two stages' scales, C_bg, and for every attn2 layer its foreground rank k and its
+singular values σ_i/σ_1: one small plot per token grid (64², 32², 16², 8² at 512 px), one curve per
+layer, a dot where its top k directions end. Panels for a reference or mask that is not there are left
+out. PIL only, with its default font.
 """
 
 import os
@@ -58,6 +63,8 @@ def panels(result, content, style):
         img = fit(load_image(ref, f"{name} reference"), w, h)
         if masks.get(name) is not None:
             shown.append((f"{name} (foreground in red)", tint(img, masks[name])))
+        elif (result.info or {}).get("drp", {}).get("mode") == "ip-adapter":  # split spectrally, not by masks
+            shown.append((f"{name} reference", img))
         else:
             shown.append((f"{name} (no mask)", img))
     if masks.get("generated") is not None:
@@ -68,6 +75,11 @@ def panels(result, content, style):
 
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
+
+
+def percent(f):
+    """A coverage as text: a fraction, or a list of them (the generated subject of each image)."""
+    return "n/a" if f is None else ", ".join(f"{100 * x:.1f} %" for x in (f if isinstance(f, list) else [f]))
 
 
 def text_lines(info):
@@ -86,10 +98,85 @@ def text_lines(info):
                      f"{fmt(n_e, 'd')} of {fmt(n, 'd')}")
         coverage = drp.pop("coverage", None) or {}
         if coverage:
-            parts = [f"{name} " + ("n/a" if f is None else f"{100 * f:.1f} %") for name, f in coverage.items()]
+            parts = [f"{name} {percent(f)}" for name, f in coverage.items()]
             lines.append("foreground coverage: " + ", ".join(parts))
+        lines += ip_adapter_lines(drp)
         lines += [f"{k}: {v}" for k, v in drp.items()]  # anything newer, as it is
     return lines
+
+
+def short_name(layer):
+    """An attn2 module name as the plots label it: "down_blocks.1.attentions.0…" -> "d1.0", the mid block "mid"."""
+    parts = layer.split(".")
+    return "mid" if parts[0] == "mid_block" else f"{parts[0][0]}{parts[1]}.{parts[3]}"
+
+
+def ip_adapter_lines(drp):
+    """The IP-Adapter mode's settings (popped from `drp`): adapter, split knobs, scales, C_bg, per-layer k."""
+    if drp.get("mode") != "ip-adapter":
+        return [f"mode: {drp.pop('mode')}"] if "mode" in drp else []
+    get = drp.pop
+    drp.pop("spectrum", None)  # drawn, not written
+    rule = get("rank_rule", None)
+    split = f"e = {get('rank_energy', None)} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
+    lines = [f"mode: {get('mode')}, adapter {get('adapter', None)}",
+             f"split: {split}, floor eps = {get('floor', None)}, power p = {get('power', None)};   scales: early "
+             f"{get('scale_early', None)}, late {get('scale_late', None)};   late group: {get('late', None)}"]
+    c_bg = get("C_bg", None)
+    lines.append(f"C_bg (early-stage text): {c_bg!r}" if c_bg is not None else "C_bg: none (the full prompt throughout)")
+    rank = get("rank", None) or {}
+    if rank:
+        lines.append("foreground rank k: " + ", ".join(f"{short_name(n)} {k}" for n, k in rank.items()))
+    return lines
+
+
+PLOT_W, PLOT_H = 150, 80  # one spectrum plot, pixels inside its frame
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def by_grid(layers, height):
+    """{grid label: [layer names]}: the attn2 layers grouped by the token grid their queries have."""
+    blocks = [(n.split(".")[0], int(n.split(".")[1]) if not n.startswith("mid") else 0) for n in layers]
+    levels = 1 + max(i for _, i in blocks)  # up_blocks.0 has no attention, so the deepest up block names it
+    groups = {}
+    for name, (kind, i) in zip(layers, blocks):
+        level = i if kind == "down_blocks" else levels - 1 - i if kind == "up_blocks" else levels - 1
+        side = max(height // 8 >> level, 1)
+        groups.setdefault(f"{side}x{side}", []).append(name)
+    return dict(sorted(groups.items(), key=lambda kv: -int(kv[0].split("x")[0])))
+
+
+def spectrum_strip(info, font, printable):
+    """The σ plots of an IP-Adapter-mode result, side by side, or None for the other modes."""
+    drp = info.get("drp") or {}
+    spectra, rank = drp.get("spectrum") or {}, drp.get("rank") or {}
+    if not spectra:
+        return None
+    groups = by_grid(list(spectra), info.get("height", 512))
+    line_h = font.getbbox("Ag")[3] + LINE_GAP
+    cell_w, top = PLOT_W + 2 * PAD, 2 * line_h
+    strip = Image.new("RGB", (len(groups) * cell_w + PAD, top + PLOT_H + line_h + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    for g, (grid, names) in enumerate(groups.items()):
+        x0, y0 = PAD + g * cell_w, top
+        draw.text((x0, 0), printable(f"grid {grid}: sigma_i/sigma_1"), fill=INK, font=font)
+        ks = ", ".join(str(rank.get(n, "?")) for n in names)
+        draw.text((x0, line_h), printable(f"k = {ks}"), fill=INK, font=font)
+        draw.rectangle((x0, y0, x0 + PLOT_W, y0 + PLOT_H), outline=INK)
+        for c, name in enumerate(names):
+            sigma = spectra[name]
+            colour = COLOURS[c % len(COLOURS)]
+            points = [(x0 + PLOT_W * i / max(len(sigma) - 1, 1), y0 + PLOT_H * (1 - s / sigma[0]))
+                      for i, s in enumerate(sigma)]
+            draw.line(points, fill=colour, width=1)
+            k = rank.get(name)
+            if k:  # the split: a dot on the last foreground direction, a tick down to the axis
+                x, y = points[k - 1]
+                draw.line((x, y, x, y0 + PLOT_H), fill=colour, width=1)
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((x0, y0 + PLOT_H + 2), printable(f"i = 1 ... {len(spectra[names[0]])}, split at k"), fill=INK,
+                  font=font)
+    return strip
 
 
 def wrap(line, font, width):
@@ -121,9 +208,14 @@ def save_report(path, result, content=None, style=None):
     line_h = font.getbbox("Ag")[3] + LINE_GAP
     width = max(MIN_WIDTH, len(shown) * (w + PAD) + PAD)
     captions = [wrap(printable(c), font, w) for c, _ in shown]
+    strip = spectrum_strip(result.info or {}, font, printable)
+    width = max(width, strip.width + PAD) if strip else width
     lines = [piece for line in text_lines(result.info or {}) for piece in wrap(printable(line), font, width - 2 * PAD)]
-    text_top = PAD + h + LINE_GAP + max(map(len, captions)) * line_h + PAD
+    strip_top = PAD + h + LINE_GAP + max(map(len, captions)) * line_h + PAD
+    text_top = strip_top + (strip.height + PAD if strip else 0)
     canvas = Image.new("RGB", (width, text_top + len(lines) * line_h + PAD), BACKGROUND)
+    if strip:
+        canvas.paste(strip, (0, strip_top))
     draw = ImageDraw.Draw(canvas)
     for k, ((_, img), caption) in enumerate(zip(shown, captions)):
         x = PAD + k * (w + PAD)

@@ -25,6 +25,8 @@ from .errors import DrpError
 from .images import fit, load_image, to_tensor
 from .vae import LATENT_SCALE
 
+TRAJECTORY_DTYPE = torch.float32  # `invert` keeps its latents in float32 whatever the compute dtype
+
 
 @dataclass
 class Trajectory:
@@ -90,14 +92,14 @@ def invert(sd, image, prompt="", steps=50, height=512, width=512, hook_for_step=
     (DRP-Diff records attention maps this way). `context`: the prompt already encoded, if the caller has it.
     """
     check_settings(steps, 1.0, height, width)
-    x = image.float() if torch.is_tensor(image) else encode_image(sd, image, width, height)
+    x = (image if torch.is_tensor(image) else encode_image(sd, image, width, height)).to(TRAJECTORY_DTYPE)
     x0, context = x, encode_text(sd, [prompt]) if context is None else context
     alphas = ddim.alphas_cumprod().to(sd.device)
     path = []
     for k, (t, t_next) in enumerate(tqdm(ddim.ddim_inversion_pairs(steps), desc="inverting", disable=not progress)):
         hook = hook_for_step(k, t_next) if hook_for_step else None
         with torch.no_grad():  # the noise is estimated at the level we go to (see ddim_invert_step)
-            eps = sd.unet(x.to(sd.dtype), t_next, context, hook).float()
+            eps = sd.unet(x.to(sd.dtype), t_next, context, hook).to(TRAJECTORY_DTYPE)
         x = ddim.ddim_invert_step(x, eps, t, t_next, alphas)
         path.append(x)
     return Trajectory(ddim.ddim_timesteps(steps), torch.stack(path[::-1]), x0)

@@ -21,7 +21,8 @@ publishes it. Parameter names are those of transformers' `CLIPVisionModelWithPro
 (`vision_model.encoder.layers.N...`, `visual_projection`), so `image_encoder/model.safetensors` and
 the vision half of a `CLIPModel` file load with no key map; DINO's two layouts are mapped onto the
 same names by `dino_from_original` and `dino_from_transformers` below. The files also hold
-`vision_model.embeddings.position_ids` (just `arange`), which `load_state` skips.
+`vision_model.embeddings.position_ids` (just `arange`), which `load_state` skips;
+`clip_from_transformers` takes the image tower out of a whole CLIPModel file.
 """
 
 from dataclasses import dataclass, replace
@@ -273,6 +274,21 @@ def load_state(model, state_dict, what="image encoder"):
     on_meta = any(p.is_meta for p in model.parameters())  # built on the meta device: take the tensors as they are
     model.load_state_dict(state, strict=True, assign=on_meta)
     return model
+
+
+# The text half of a CLIPModel file (the metrics read it with drp/clip.py) and the similarity temperature.
+CLIP_TEXT_SIDE = ("text_model.", "text_projection.", "logit_scale")
+
+
+def clip_from_transformers(state_dict):
+    """The image tower's tensors of a transformers CLIPModel or CLIPVisionModelWithProjection file, in our
+    names (the same names: nothing is renamed); any tensor of neither tower -> DrpError naming it."""
+    ours = (OURS, "visual_projection.")
+    for key in sorted(state_dict):
+        if not key.startswith(ours + CLIP_TEXT_SIDE):
+            raise DrpError(f"the CLIP weights hold {key}, which is part of neither CLIP tower; give a "
+                           "transformers CLIPModel or CLIPVisionModelWithProjection file.")
+    return {k: v for k, v in state_dict.items() if k.startswith(ours) and k not in IGNORED}
 
 
 def _describe(cfg):

@@ -52,6 +52,20 @@ def test_each_field_changes_the_key():
     assert len(keys) == 8 and base not in keys
 
 
+def test_the_dtype_each_recording_setting_and_the_format_change_the_key(monkeypatch):
+    recording = dict(record_t=[200, 800], mask_layers=["down_blocks.2"], self_layer="up_blocks.2.attn1",
+                     subject_tokens=[5], cross_recorded=True, latents_dtype="torch.float32")
+    base = cache.cache_key(picture(), **KEY_ARGS, dtype=torch.float32, recording=recording)
+    assert base == cache.cache_key(picture(), **KEY_ARGS, dtype="float32", recording=dict(recording))
+    changes = [dict(record_t=[0, 0]), dict(mask_layers=[]), dict(self_layer="up_blocks.3.attn1"),
+               dict(subject_tokens=[4]), dict(cross_recorded=False), dict(latents_dtype="torch.float64")]
+    keys = {cache.cache_key(picture(), **KEY_ARGS, dtype=torch.float32, recording={**recording, **c}) for c in changes}
+    keys.add(cache.cache_key(picture(), **KEY_ARGS, dtype=torch.float64, recording=recording))
+    monkeypatch.setattr(cache, "FORMAT", cache.FORMAT + 1)
+    keys.add(cache.cache_key(picture(), **KEY_ARGS, dtype=torch.float32, recording=recording))
+    assert len(keys) == len(changes) + 2 and base not in keys
+
+
 def test_the_same_pixels_give_the_same_key_whatever_the_file(tmp_path):
     img = picture()
     img.save(tmp_path / "a.png", compress_level=0)

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,34 +9,15 @@ from PIL import Image
 import drp
 from drp import dual_reference as dr
 from drp.attention import attend
-from drp.clip import CLIPConfig, CLIPTextModel
 from drp.errors import DrpError
-from drp.model_io import StableDiffusion
-from drp.tokenizer import Tokenizer
-from drp.unet import UNet, UNetConfig
-from drp.vae import VAE, VAEConfig
+from references import FG, HW, PROMPT, drp_sd, fake_method, picture, qkv
 
 SIZE, STEPS = 64, 6
-PROMPT = "a cat on the beach, in the style of a painting"
 
 
 @pytest.fixture(scope="module")
 def sd():
-    torch.manual_seed(0)
-    models = [CLIPTextModel(CLIPConfig.tiny()), UNet(UNetConfig.tiny()), VAE(VAEConfig.tiny())]
-    with torch.no_grad():  # larger weights than the default init, so attention is far from uniform
-        for p in models[1].parameters():
-            p.mul_(3.0)
-    for m in models:
-        m.eval().requires_grad_(False)
-    return StableDiffusion(Tokenizer(), *models, torch.device("cpu"), torch.float32, {"file": "tiny", "sha256": "tiny"})
-
-
-def picture(seed, size=96):
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size, size + 16, 3), dtype=np.uint8)
-    arr[24:72, 30:80] = rng.integers(0, 60, 3, dtype=np.uint8)  # a dark "subject" in the middle
-    return Image.fromarray(arr)
+    return drp_sd()
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +31,25 @@ def run(sd, cache_dir, **kw):
     return drp.generate(sd, PROMPT, steps=STEPS, height=SIZE, width=SIZE, seed=3, progress=False, **kw)
 
 
-def test_no_reference_equals_plain_text_to_image_bit_for_bit(sd, shared_cache):
-    plain = run(sd, shared_cache)
-    assert "drp" not in plain.info
+def unet_batches(sd):
+    """Start recording the batch size of every UNet call; returns (the list, the hook handle to remove)."""
+    batches = []
+    return batches, sd.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+
+
+def test_no_reference_equals_plain_text_to_image_bit_for_bit_and_black_masks_cost_no_inversion(sd, tmp_path):
+    plain = run(sd, tmp_path)
     black = Image.new("L", (10, 10), 0)
-    with pytest.warns(UserWarning, match="all black"):
-        empty = run(sd, shared_cache, content=picture(1), style=picture(2), subject="cat", content_mask=black,
-                    style_mask=black)
+    batches, handle = unet_batches(sd)
+    try:
+        with pytest.warns(UserWarning, match="all black"):
+            empty = run(sd, tmp_path, content=picture(1), style=picture(2), subject="cat", content_mask=black,
+                        style_mask=black)
+    finally:
+        handle.remove()
     assert torch.equal(plain.latents, empty.latents)
+    assert batches == [2] * STEPS  # the plain loop's calls only: no reference was inverted or replayed
+    assert empty.masks == {} and "drp" not in empty.info
 
 
 def test_each_mode_runs_and_differs_from_plain(sd, shared_cache):
@@ -114,25 +105,8 @@ def test_a_cached_rerun_skips_inversion_and_gives_the_same_image(sd, tmp_path):
     assert torch.equal(first.latents, second.latents)
 
 
-def fake_method(sd, kinds, masks, late_mask=None, use_masks=True):
-    """A DualReference over random reference rows with given (H, W) masks, for hook-level tests."""
-    refs = {k: dr.Reference(k, None, torch.zeros(1, 77, 128), masks[k], 5.0, "test", False) for k in kinds}
-    method = dr.DualReference(refs, dr.Options(use_masks=use_masks), 1, [[2]], 1, {})
-    return method
-
-
-def qkv(rows, n, seed, heads=2, d=4):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, heads, n, d, generator=g) for _ in range(3)]
-
-
-HW = (4, 4)
-FG = torch.zeros(8, 8)
-FG[:4, :4] = 1  # foreground: the top-left quarter (at 4×4 tokens: rows 0–1, columns 0–1)
-
-
 def test_gathered_attention_equals_minus_infinity_masked_attention(sd):
-    method = fake_method(sd, ("content", "style"), {"content": FG, "style": 1 - FG})
+    method = fake_method(("content", "style"), {"content": FG, "style": 1 - FG})
     q, k, v = qkv(2, 16, 0)
     kr, vr, qr = qkv(2, 16, 1)
     hook = dr.StepHook(method, 0, late=False)
@@ -148,25 +122,28 @@ def test_gathered_attention_equals_minus_infinity_masked_attention(sd):
 
 @pytest.mark.parametrize("late", [False, True])
 def test_excluded_reference_tokens_never_reach_a_generated_query(sd, late):
-    method = fake_method(sd, ("content", "style"), {"content": FG, "style": FG})
-    q, k, v = qkv(2, 16, 0)
-    kr, vr, qr = qkv(2, 16, 1)
+    method = fake_method(("content", "style"), {"content": FG, "style": FG})
+    hw = (8, 8)  # 48 style background tokens: AdaIN takes its statistics from them alone (ALGORITHM §3)
+    q, k, v = qkv(2, 64, 0)
+    kr, vr, qr = qkv(2, 64, 1)
     hook = dr.StepHook(method, 10, late=late)
-    hook.cross, hook.cross_n = torch.rand(1, 2, 2), 1  # a generated subject mask is known
-    before = hook.inject(q, k, v, kr, vr, qr, HW)
-    fg = dr.masks.resize_mask(FG, HW).flatten() > 0.5
+    hook.cross, hook.cross_n = torch.tensor([[[1.0, 0.0], [0.2, 0.6]]]), 1  # a known generated subject mask
+    assert hook.generated_foreground(hw, 2).any() and not hook.generated_foreground(hw, 2).all()
+    before = hook.inject(q, k, v, kr, vr, qr, hw)
+    fg = dr.masks.resize_mask(FG, hw).flatten() > 0.5
     # early: no background token of either reference; late: no content background, no style foreground
     cu_excluded = ~fg
     st_excluded = ~fg if not late else fg
     kr2, vr2, qr2 = kr.clone(), vr.clone(), qr.clone()
+    torch.manual_seed(0)
     for row, excluded in ((0, cu_excluded), (1, st_excluded)):
         for t in (kr2, vr2, qr2):
             t[row, :, excluded] = torch.randn_like(t[row, :, excluded]) * 10
-    after = hook.inject(q, k, v, kr2, vr2, qr2, HW)
+    after = hook.inject(q, k, v, kr2, vr2, qr2, hw)
     assert torch.equal(before, after)
     # and the included tokens do matter
     kr2[1, :, ~st_excluded] += 5
-    assert not torch.equal(before, hook.inject(q, k, v, kr2, vr2, qr2, HW))
+    assert not torch.equal(before, hook.inject(q, k, v, kr2, vr2, qr2, hw))
 
 
 def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, shared_cache, monkeypatch):
@@ -192,13 +169,17 @@ def test_injection_touches_only_the_configured_layers_and_leaves_no_state(sd, sh
     assert {name: set(vars(m)) for name, m in sd.unet.named_modules()} == attrs
 
 
-def test_reference_masks_do_not_depend_on_the_batch(sd, shared_cache):
+def test_reference_masks_do_not_depend_on_the_batch_and_each_image_has_its_generated_mask(sd, shared_cache):
     kw = dict(content=picture(1), style=picture(2), subject="cat")
     one = run(sd, shared_cache, **kw)
     many = drp.generate(sd, ["a dog and a cat", PROMPT], steps=STEPS, height=SIZE, width=SIZE, progress=False,
-                        cache_dir=shared_cache, **kw)
+                        use_cache=False, **kw)  # inverted afresh, in a batch of two prompts
+    assert many.info["drp"]["cached"] == {"content": False, "style": False}
     for kind in ("content", "style"):
         assert torch.equal(one.masks[kind], many.masks[kind])
+    generated = many.masks["generated"]  # one subject mask per image, in the batch's order
+    assert generated.shape == (2, SIZE, SIZE) and set(generated.unique().tolist()) <= {0.0, 1.0}
+    assert many.info["drp"]["coverage"]["generated"] == generated.mean(dim=(1, 2)).tolist()
 
 
 def test_a_subject_missing_from_the_prompt_is_an_error_naming_its_words(sd, shared_cache):
@@ -207,17 +188,21 @@ def test_a_subject_missing_from_the_prompt_is_an_error_naming_its_words(sd, shar
 
 
 def test_user_masks_override_the_automatic_ones(sd, shared_cache):
-    mask = Image.new("L", (7, 5), 0)
-    mask.paste(255, (0, 0, 4, 5))
+    mask = Image.new("L", (12, 6), 0)
+    mask.paste(255, (0, 0, 6, 6))  # centre-cropped to its middle 6×6: the left half is white
     result = run(sd, shared_cache, content=picture(1), subject="cat", content_mask=mask)
     assert result.info["drp"]["mask_rule"]["content"] == "user mask"
-    assert 0.3 < result.masks["content"].mean() < 0.8
+    left_half = torch.zeros(SIZE, SIZE)
+    left_half[:, : SIZE // 2] = 1
+    assert torch.equal(result.masks["content"], left_half)
 
 
-def test_a_subject_without_a_content_reference_only_warns(sd, shared_cache):
-    with pytest.warns(UserWarning, match="without a content reference"):
+def test_a_subject_without_a_content_reference_warns_that_nothing_uses_it(sd, shared_cache):
+    with pytest.warns(UserWarning, match="without a content reference, so nothing uses it;") as caught:
         result = run(sd, shared_cache, style=picture(2), subject="cat")
+    assert not any("generated mask" in str(w.message) for w in caught)
     assert result.info["drp"]["alpha"] == 0.3
+    assert torch.equal(result.latents, run(sd, shared_cache, style=picture(2)).latents)
 
 
 def test_an_all_white_style_mask_warns_that_no_background_is_left(sd, shared_cache):

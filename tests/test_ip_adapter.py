@@ -144,7 +144,7 @@ def test_an_image_prompt_without_converted_files_names_the_download_command(worl
 
 def test_an_image_prompt_with_content_or_style_references_is_refused_in_one_sentence(world):
     sd = drp.load(world[2])
-    with pytest.raises(DrpError, match="cannot be combined with content/style references"):
+    with pytest.raises(DrpError, match="cannot be combined with DRP-Diff's content/style references"):
         ours(sd, ip_image=world[3][0], style=world[3][1])
 
 

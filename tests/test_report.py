@@ -103,3 +103,9 @@ def test_a_missing_folder_is_a_user_error_and_nothing_is_left_behind(tmp_path):
         save_report(tmp_path / "absent" / "r.png", fake_result())
     save_report(tmp_path / "r.png", fake_result())
     assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+
+
+def test_the_generated_coverage_of_each_image_and_an_infinite_rho_are_written_out():
+    drp = dict(DRP, rho=float("inf"), coverage={"content": 0.25, "generated": [0.5, 0.125]})
+    text = "\n".join(text_lines(fake_result(drp=drp).info))
+    assert "rho = H_cu/H_st = inf" in text and "generated 50.0 %, 12.5 %" in text

@@ -135,6 +135,8 @@ BAD_INPUTS = [  # (arguments, the start of the error sentence); {tmp} is the tes
     (["--content", "{tmp}/nowhere.png"], "the content image {tmp}/nowhere.png does not exist"),
     (["--style", "{tmp}/notes.txt"], "the style image {tmp}/notes.txt could not be read as an image"),
     (["--content-mask", "{tmp}/empty.png"], "the content mask {tmp}/empty.png could not be read as an image"),
+    (["--no-masks", "--style-mask", "{tmp}/empty.png"], "--no-masks gives every reference token to every query, "
+                                                        "so it cannot take --content-mask or --style-mask"),
     (["--report", "{tmp}/report.txt"], "the report is a PNG picture"),
     (["--report", "{tmp}/missing/r.png"], "the report folder {tmp}/missing does not exist"),
     (["--weights", "{tmp}/no-weights", "--no-download"], "{tmp}/no-weights holds no complete set of converted weights"),

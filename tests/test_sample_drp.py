@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from drp.images import fit, load_image
+from drp.report import PAD
 from tiny import tiny_weights_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,11 @@ def test_the_report_shows_references_masks_and_result(run):
     assert f"saved {tmp / 'report.png'}" in first.stdout
     report = np.asarray(Image.open(tmp / "report.png").convert("RGB"))
     assert report.shape[1] >= 4 * 64 and report.shape[0] > 64  # four panels side by side, text below
-    assert report.std() > 10  # not a blank picture
+    panels = [report[PAD : PAD + 64, PAD + k * (64 + PAD) :][:, :64] for k in range(4)]  # content, style, generated, output
+    assert np.array_equal(panels[3], np.asarray(Image.open(tmp / "first.png").convert("RGB")))
+    style = np.asarray(fit(load_image(ROOT / "assets/starry_night.jpg"), 64, 64))
+    tinted = (panels[1] != style).any(axis=2)  # the style's foreground, tinted red, and nothing else
+    assert 0 < tinted.mean() < 1 and (panels[1][tinted][:, 0] >= style[tinted][:, 0]).all()
 
 
 def test_a_second_run_reads_the_references_from_the_cache_and_gives_the_same_image(run):

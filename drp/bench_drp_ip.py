@@ -1,0 +1,103 @@
+"""`python -m drp.bench --only drp-ip`: the cost of DRP-Diff's IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B2).
+
+One child process (drp/bench_tasks.py runs it) holds our SD from the benchmark's random folder, a random
+IP-Adapter with SD 1.5's shapes and a random CLIP ViT-H/14 image encoder (`--tiny`: their tiny configs),
+built in memory: their values change no timing. It measures
+
+    step     one IP-mode DRP step (batch 2 with the stage's hook: 16 attn2 layers with a second softmax
+             over both references' tokens) next to a plain CFG step, at each benchmark latent size;
+             issue 12's target: ≤ 1.15× (the self-attention mode's step costs ~2×)
+    svd      the 16 SVDs of the adapter's key projections, once per loaded adapter
+    first    the whole first run with both references in each mode, same prompt and pictures:
+             IP-Adapter (encoder, SVDs, batch-2 sampling) vs self-attention (two inversions, batch-4
+             sampling), `steps` run and extrapolated to 50 like the other generation rows
+"""
+
+import tempfile
+import time
+
+import torch
+
+STAGES = ("early", "late")
+
+
+def random_ip_components(sd, tiny, dtype):
+    """A random IP-Adapter that fits `sd.unet` and a random image encoder, set on `sd`."""
+    from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
+    from .vision import VisionConfig, VisionTransformer
+
+    layers = tuple(attn2_layers(sd.unet.cfg).items())
+    encoder_cfg = VisionConfig.tiny() if tiny else VisionConfig.vit_h14()
+    adapter_cfg = IPAdapterConfig(image_dim=encoder_cfg.projection_dim, context_dim=sd.unet.cfg.context_dim,
+                                  layers=layers)
+    torch.manual_seed(0)
+    adapter, encoder = IPAdapter(adapter_cfg), VisionTransformer(encoder_cfg)
+    with torch.no_grad():  # the Resampler's queries and LayerNorms come uninitialised or at 1/0: give all values
+        for p in [*adapter.parameters(), *encoder.parameters()]:
+            p.normal_(0, 0.02)
+    sd.ip_adapter = adapter.to(sd.device, dtype).eval().requires_grad_(False)
+    sd.image_encoder = encoder.to(sd.device, dtype).eval().requires_grad_(False)
+
+
+def task_drp_ip(spec, device, dtype):
+    from PIL import Image
+
+    from . import dual_reference_ip, svd_keys
+    from .bench_tasks import ASSETS, PROMPT, UNetTimer, alternate, clock, extrapolate, load_ours
+    from .pipeline import generate
+
+    sd = load_ours(spec, dtype)
+    random_ip_components(sd, spec["tiny"], dtype)
+    px, steps = spec["size"], spec["steps"]
+    content, style = ASSETS / "chelsea.png", ASSETS / "starry_night.jpg"
+    if not (content.is_file() and style.is_file()):  # outside a checkout: two made-up pictures
+        content = Image.effect_mandelbrot((px, px), (-2, -1.5, 1, 1.5), 100).convert("RGB")
+        style = Image.linear_gradient("L").resize((px, px)).convert("RGB")
+    out = {}
+
+    start = time.perf_counter()  # on the CPU, in float32, as the method computes them
+    for name in sd.ip_adapter.layer_names:
+        svd_keys.spectrum(sd.ip_adapter.key_weight(name))
+    out["svd_seconds"] = time.perf_counter() - start
+
+    method = dual_reference_ip.prepare(sd, [PROMPT], content=content, style=style, subject="cat", steps=steps,
+                                       progress=False)
+    for s in spec["unet_sizes"]:
+        g = torch.Generator().manual_seed(s)
+        x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
+        context = torch.randn(2, 77, sd.unet.cfg.context_dim, generator=g).to(device, dtype)
+        calls = {"plain": lambda: sd.unet(x, 500, context)}
+        for late, stage in enumerate(STAGES):
+            x_in, c_in, hook = method.step_inputs(0, bool(late), x, context)
+            calls[stage] = (lambda a, c, h: lambda: sd.unet(a, 500, c, h))(x_in, c_in.to(dtype), hook)
+        warmup = 1 if s == min(spec["unet_sizes"]) or device.type == "cuda" else 0
+        out[str(s)] = alternate(calls, device, spec["repeats"], warmup=warmup)
+
+    timer = UNetTimer(sd.unet, device)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for mode in ("ip-adapter", "self-attention"):
+            timer.calls = []
+            options = dict(cache_dir=cache_dir) if mode == "self-attention" else {}
+            start = clock(device)
+            result = generate(sd, PROMPT, steps=steps, height=px, width=px, content=content, style=style,
+                              subject="cat", mode=mode, progress=False, **options)
+            total = clock(device) - start
+            out[mode] = {"seconds": total, "extrapolated": extrapolate(total, timer, steps),
+                         "timings": result.info["timings"]}
+    return out
+
+
+def rows(result, spec, row):
+    """The report's rows of this measurement (`row` is drp.bench's row maker)."""
+    px, out = spec["size"], []
+    for s in spec["unet_sizes"]:
+        t = result[str(s)]
+        for stage in STAGES:
+            out.append(row(f"DRP-IP step {s}×{s} ({stage}) / plain CFG step", t[stage], t["plain"],
+                           note="ours, batch 2 with the IP-Adapter mode's hook vs batch 2"))
+    out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
+                   note="once per loaded adapter, float32 on the CPU"))
+    out.append(row(f"DRP-IP generation {px}×{px}, 50 steps: first run / self-attention mode's first run",
+                   result["ip-adapter"]["extrapolated"], result["self-attention"]["extrapolated"],
+                   note=f"{spec['steps']} steps run, extrapolated; self-attention inverts both references"))
+    return out
