@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -86,8 +87,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # "to_out.0" keeps the checkpoint key
 
     def split_heads(self, x):
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+        """(B, N, h·d) → (B, h, N, d): each head's channels on an axis of their own (views, no copy)."""
+        return rearrange(x, "b n (h d) -> b h n d", h=self.heads)
 
     def forward(self, x, context=None, hw=None, hook: Optional[Hook] = None):
         context = x if context is None else context
@@ -98,6 +99,4 @@ class Attention(nn.Module):
             out = attend(q, k, v)
         else:
             out = run_hook(hook, self, q, k, v, AttnCall(self.name, self.is_cross, tuple(hw or ())))
-        b, h, n, d = out.shape
-        out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
-        return self.to_out[0](out)
+        return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))  # heads side by side again

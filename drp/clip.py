@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .errors import DrpError
@@ -88,8 +89,7 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.dim, cfg.dim)
 
     def split_heads(self, x):
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+        return rearrange(x, "b n (h d) -> b h n d", h=self.heads)
 
     def forward(self, x):
         q = self.split_heads(self.q_proj(x))
@@ -98,9 +98,7 @@ class SelfAttention(nn.Module):
         # Causal even for the padding: SD passes no padding mask, so every position, padding
         # included, attends to all real tokens before it, and the UNet sees all 77 outputs.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        b, h, n, d = out.shape
-        out = out.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
-        return self.out_proj(out)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class MLP(nn.Module):

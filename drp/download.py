@@ -1,18 +1,20 @@
 """Downloading the public SD 1.5 checkpoint with the standard library only: resumable, size- and hash-checked.
 
-Where it sits: the first thing a user runs. The CLI downloads the single-file checkpoint
-(`v1-5-pruned-emaonly.safetensors`, about 4 GB) with `download`, then converts it into `weights/`.
+Where it sits: the first thing a user runs. `convert_weights.py --download`, and `sample.py` when `weights/`
+holds no converted weights, download the single-file checkpoint (`v1-5-pruned-emaonly.safetensors`,
+about 4 GB) with `download`, then convert it into `weights/`.
 
 Which URL: the CLI's `--url` wins over the environment variable `DRP_WEIGHTS_URL`, which wins over
 `DEFAULT_URL` (see `weights_url`).
 
-How the file is checked: the default file's published sha256 and size are pinned here (`DEFAULT_SHA256`),
-and its download must match them whatever the server says. For any other URL (`--url`, `$DRP_WEIGHTS_URL`)
-the server's statement is all there is: Hugging Face's `/resolve/` endpoint answers with a redirect to a CDN, and that
-redirect states the file's sha256 in `X-Linked-ETag` and its size in `X-Linked-Size`; the CDN's own
-`ETag` is something else. So the headers of every redirect are kept, the sha256 is taken from
-`X-Linked-ETag` of any hop, else from an `ETag` of the host the URL names, and only when it reads as 64
-hex digits (`"…"` quotes and a weak `W/` prefix allowed). Without one, only the size is checked.
+How the file is checked: the default file's published sha256 is pinned here (`DEFAULT_SHA256`), and its
+download must hash to it whatever the server says; the size and the sha256 the server states are checked
+too, and for another URL (`--url`, `$DRP_WEIGHTS_URL`) they are all there is. Hugging Face's `/resolve/`
+endpoint answers with a redirect to a CDN, and that redirect states the file's sha256 in `X-Linked-ETag`
+and its size in `X-Linked-Size`; the CDN's own `ETag` is something else. So the headers of every redirect
+are kept, the sha256 is taken from `X-Linked-ETag` of any hop, else from an `ETag` of the host the URL
+names, and only when it reads as 64 hex digits (`"…"` quotes and a weak `W/` prefix allowed). Without a
+stated or pinned one, only the size is checked.
 
 What stays on disk: bytes go to `<dest>.part`, which a rerun resumes with an HTTP `Range` request;
 a complete and verified `.part` is renamed to `<dest>` with `os.replace`. A `.part` that is corrupted
@@ -53,7 +55,7 @@ def weights_url(url=None):
 
 
 def pinned(url):
-    """(sha256, size) the file at `url` must have: DEFAULT_URL's published ones, else (None, None)."""
+    """(sha256, size) published for the file at `url`: DEFAULT_URL's, else (None, None); the sha256 is checked."""
     return (DEFAULT_SHA256, DEFAULT_SIZE) if url == DEFAULT_URL else (None, None)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .attention import Attention, keep_hooks_out_of_compile
@@ -125,11 +126,11 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, context, hook):
-        b, c, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, h·w, C)
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # one token per pixel
         for block in self.transformer_blocks:
             tokens = block(tokens, context, (h, w), hook)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return x + self.proj_out(rearrange(tokens, "b (h w) c -> b c h w", h=h))
 
 
 class Downsample(nn.Module):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .errors import DrpError
@@ -120,12 +121,11 @@ class MidAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # "to_out.0" keeps the diffusers key
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        y = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = x.shape[-2]
+        y = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
         q, k, v = (proj(y)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # one head of width C: scale 1/√C
-        y = self.to_out[0](y).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + y
+        return x + rearrange(self.to_out[0](y), "b (h w) c -> b c h w", h=h)
 
 
 class MidBlock(nn.Module):
