@@ -25,7 +25,6 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from .convert import OUT_DTYPES, Move, open_tensors, sha256_of, write_safetensors
