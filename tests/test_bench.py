@@ -23,7 +23,7 @@ def report(tmp_path_factory):
     """One tiny benchmark run: the UNet (with the DRP-Diff step), the attention memory, and loading."""
     tmp = tmp_path_factory.mktemp("bench")
     out = subprocess.run([sys.executable, "-m", "drp.bench", "--tiny", "--quick", "--repeats", "1",
-                          "--only", "unet,attention,load", "--workdir", str(tmp / "work"),
+                          "--only", "unet,attention,load,drp-ip", "--workdir", str(tmp / "work"),
                           "--json", str(tmp / "bench.json")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout, json.loads((tmp / "bench.json").read_text()), tmp / "work"
@@ -43,6 +43,15 @@ def test_unet_rows_compare_ours_with_diffusers_on_the_same_weights(report):
     assert unet["ours"]["gflop_s"] > 0 and unet["gflops"] > 0
     assert {"DRP step 32×32 (early) / plain CFG step", "DRP step 32×32 (late) / plain CFG step"} <= {
         r["name"] for r in data["rows"]}
+
+
+def test_the_ip_adapter_modes_step_is_set_against_a_plain_step_and_its_svds_are_timed(report):
+    _, data, _ = report
+    rows = {r["name"]: r for r in data["rows"]}
+    for stage in ("early", "late"):
+        step = rows[f"DRP-IP step 32×32 ({stage}) / plain CFG step"]
+        assert step["ratio"] == pytest.approx(step["ours"]["median"] / step["ref"]["median"]) and step["ratio"] > 0
+    assert rows["DRP-IP: SVDs of the 16 image-key projections"]["ours"]["median"] > 0
 
 
 def test_attention_row_shows_the_fused_kernel_holds_no_score_matrix(report):
