@@ -30,6 +30,7 @@ from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
 from drp.images import load_image
+from drp.ip_adapter import attn2_layers, resolve_scale
 from drp.method_common import MODES, resolve_mode
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
@@ -211,6 +212,7 @@ def checked_settings(args):
     for image in args.ip_image or []:
         load_image(image, "IP-Adapter image")
     if args.ip_image:
+        resolve_scale(args.ip_scale, list(attn2_layers()))  # a block SD 1.5 does not have: DrpError
         missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
         if missing:
             raise DrpError(f"--ip-image needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "

@@ -18,6 +18,8 @@ with other work slows both alike.
                 diffusers' from_pretrained, all three models held; at most 3 rounds, each a process;
                 warm (files in the page cache), then cold (dropped from it first; Linux, not tmpfs)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
+    ip-adapter  IP-Adapter: image encoder forward, the CFG step with the adapter and its share, loading the
+                encoder (only with --only ip-adapter; drp/bench_ip_adapter.py)
     drp-ip      DRP-Diff's IP-Adapter mode (drp/bench_drp_ip.py): its step vs a plain CFG step, the 16
                 SVDs, its first run vs the self-attention mode's (only with --only drp-ip: it builds a
                 random ViT-H/14 encoder, 2.5 GB in fp32)
@@ -48,8 +50,8 @@ from .model_io import MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
 
-TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "drp-ip"]
-OPT_IN = ("compile", "drp-ip")  # measured only when asked for
+TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter", "drp-ip"]
+OPT_IN = ("compile", "ip-adapter", "drp-ip")  # measured only when asked for (--compile, --only …)
 
 
 # ---- the parent: plan, run the children one at a time, report -----------------------------------------
@@ -192,6 +194,10 @@ def measure(args, spec, workdir, configs, say):
             ours, ref, peaks = ours_then_reference("load", min(args.repeats, 3), "seconds", cold=cold)
             rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
                             note="files dropped from the page cache first" if cold else "warm page cache", **peaks))
+    if "ip-adapter" in tasks:
+        from . import bench_ip_adapter
+
+        rows += bench_ip_adapter.measure(spec, child, ours_then_reference, row, args.repeats)
     if "drp-ip" in tasks:
         from .bench_drp_ip import rows as drp_ip_rows
 
@@ -361,9 +367,15 @@ def main(argv=None):
             if not (workdir / "weights" / "model.json").is_file():
                 print(f"writing random {'tiny' if args.tiny else 'SD 1.5'} weights into {workdir} …", flush=True)
                 write_random_folders(workdir, configs)
+            if "ip-adapter" in args.only and not (workdir / "weights" / "image_encoder.json").is_file():
+                from .bench_ip_adapter import write_random_ip_files
+
+                print("writing a random IP-Adapter and image encoder …", flush=True)
+                write_random_ip_files(workdir, configs["unet"], args.tiny)
             spec = {"weights": str(workdir / "weights"), "source": str(workdir / "diffusers"),
                     "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps,
                     "repeats": args.repeats, "tiny": args.tiny, "reference": reference,
+                    "ip_source": str(workdir / "ip-source"),
                     "unet_sizes": sorted({32, args.size // 8})}
             measured = measure(args, spec, workdir, configs, lambda s: print(s, flush=True))
         finally:

@@ -454,6 +454,15 @@ TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_va
                   "compile": task_compile, "drp-ip": task_drp_ip}
 
 
+def task_function(name):
+    """The task `name`; IP-Adapter's are in drp/bench_ip_adapter.py."""
+    if name.startswith("ip-"):
+        from .bench_ip_adapter import TASKS
+
+        return TASKS[name]
+    return TASK_FUNCTIONS[name]
+
+
 def peak_rss_mb():
     """This process's peak resident memory in MiB.
 
@@ -475,7 +484,7 @@ def child_main(spec_json):
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
     dtype = resolve_dtype(spec["dtype"], device)
-    result = TASK_FUNCTIONS[spec["task"]](spec, device, dtype)
+    result = task_function(spec["task"])(spec, device, dtype)
     result["peak_rss_gib"] = peak_rss_mb() / 1024
     if device.type == "cuda":
         result["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -92,13 +92,17 @@ def open_tensors(path):
     size = path.stat().st_size
     # safetensors: an 8-byte little-endian header length, then the JSON header
     is_safetensors = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size
-    if is_safetensors and head[:1] != b"\x80":  # 0x80 starts a pickle (torch.save's legacy format)
+    if is_safetensors:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         except SafetensorError as e:
-            raise DrpError(f"{path} is a truncated or damaged safetensors file ({e}); download it again.") from None
-        return Source(shapes, handle.get_tensor)
+            # 0x80 starts a pickle (torch.save's legacy format), whose bytes can pass the test above; but it is
+            # also the first byte of a safetensors file whose header length is 128 more than a multiple of 256
+            if head[:1] != b"\x80":
+                raise DrpError(f"{path} is a truncated or damaged safetensors file ({e}); download it again.") from None
+        else:
+            return Source(shapes, handle.get_tensor)
     return _open_torch(path)  # torch.save's zip or legacy format; anything else is refused there
 
 

@@ -25,7 +25,6 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from .convert import OUT_DTYPES, Move, open_tensors, sha256_of, write_safetensors
@@ -45,6 +44,10 @@ REPO = "https://huggingface.co/h94/IP-Adapter/resolve/main/"
 DOWNLOADS = {"ip-adapter": "models/ip-adapter_sd15.safetensors",
              "ip-adapter-plus": "models/ip-adapter-plus_sd15.safetensors"}
 ENCODER_DOWNLOAD = ["models/image_encoder/config.json", "models/image_encoder/model.safetensors"]
+# The encoder file's published sha256 (its Git LFS pointer), checked whatever the server states; the
+# other files are checked against the sha256 and size the server states (drp/download.py).
+PINNED_SHA256 = {"models/image_encoder/model.safetensors":
+                 "6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030"}
 GET_ADAPTER = "get SD 1.5's with `python convert_weights.py --download ip-adapter`"
 
 
@@ -280,7 +283,8 @@ def download_and_convert(which, out, dtype="fp16", force=False, progress=True, b
     check_can_add(out, ADAPTER, force, "IP-Adapter")  # before, not after, the download
     keep = out / "h94-IP-Adapter"
     files = [DOWNLOADS[which]] + ([] if (out / ENCODER[1]).is_file() else ENCODER_DOWNLOAD)
-    fetched = {f: download.download(base_url + f, keep / f, progress=progress) for f in files}
+    fetched = {f: download.download(base_url + f, keep / f, progress=progress, **(
+        {"sha256": PINNED_SHA256[f]} if f in PINNED_SHA256 else {})) for f in files}
     written = convert_adapter(fetched[DOWNLOADS[which]], out, dtype, force, progress)
     if ENCODER_DOWNLOAD[1] in fetched:
         written += convert_encoder(fetched[ENCODER_DOWNLOAD[1]].parent, out, dtype, True, progress)

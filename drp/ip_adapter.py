@@ -72,7 +72,7 @@ def file_index(layer_names):
 class IPAdapterConfig:
     """Shape of an IP-Adapter; the defaults are ip-adapter_sd15's, `plus()` gives ip-adapter-plus_sd15's."""
 
-    kind: str = "base"  # "base" (also light and plus-face's cousin light) or "plus" (Resampler)
+    kind: str = "base"  # "base" (ip-adapter_sd15, _light) or "plus" (the Resampler: -plus_sd15, -plus-face_sd15)
     num_tokens: int = 4  # image tokens per picture
     image_dim: int = 1024  # input width: image_embeds (base) or the encoder's hidden states (plus, 1280)
     context_dim: int = 768  # width of the tokens = the UNet's cross-attention input
@@ -193,7 +193,8 @@ class IPAdapter(nn.Module):
     @torch.no_grad()
     def image_tokens(self, image_encoder, pixels):
         """Normalised pixels (N, 3, 224, 224) (drp.vision.clip_pixels) -> image tokens (N, T, 768)."""
-        return self.image_proj(self.features(image_encoder, pixels).to(self.cfg_dtype))
+        p = next(self.parameters())
+        return self.image_proj(self.features(image_encoder, pixels).to(p.device, p.dtype))
 
     @torch.no_grad()
     def uncond_tokens(self, image_encoder):
@@ -207,10 +208,6 @@ class IPAdapter(nn.Module):
             return self.image_proj(torch.zeros(1, self.cfg.image_dim, device=p.device, dtype=p.dtype))
         size = getattr(getattr(image_encoder, "cfg", None), "image_size", 224)
         return self.image_tokens(image_encoder, torch.zeros(1, 3, size, size))
-
-    @property
-    def cfg_dtype(self):
-        return next(self.parameters()).dtype
 
 
 @dataclass

@@ -233,7 +233,8 @@ def load_ip_component(name, folder, unet, device, dtype):
     meta = None if folder is None else Path(folder) / f"{name}.json"
     if meta is None or not meta.is_file():
         return None
-    cls, cfg_cls = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}[name]
+    classes = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}
+    cls, cfg_cls = classes[name]
     try:
         cfg = cfg_cls(**json.loads(meta.read_text())["config"])
     except (ValueError, KeyError, TypeError) as e:

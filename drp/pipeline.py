@@ -11,6 +11,8 @@ generated rows look at the references' self-attention keys/values. IP-Adapter
 key matrices split by their singular values, and the early stage's text leaves the subject out.
 Either way the method gives each step its extra rows, its text and its hook through one call,
 `method.step_inputs(i, late, x_in, text)`; which stage a step is in is decided here, in the loop.
+With an image prompt (IP-Adapter, `drp/ip_adapter.py`) and no references, one hook, the same at every
+step, adds an attention over the picture's tokens to every cross-attention.
 
 The loop's building blocks (text and image encoding, noise, decoding, DDIM inversion) are in
 `drp/sampling.py`; the method is imported at the top, and imports only those blocks, never this file.
@@ -66,8 +68,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     check_settings(steps, guidance, height, width, eta)
     mode = resolve_mode(sd, mode, references=content is not None or style is not None)  # "auto": see there
     if ip_image is not None and (content is not None or style is not None):
-        raise DrpError("an image prompt (ip_image) cannot be combined with content/style references yet; "
-                       "give either ip_image or content/style.")
+        raise DrpError("ip_image cannot be combined with DRP-Diff's content/style references; give the "
+                       "pictures as content= and style= (mode=\"ip-adapter\" puts them in the cross-attention).")
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [negative_prompt] * len(prompts)
     seeds = [seed + k for k in range(len(prompts))]
@@ -85,12 +87,9 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     # IP-Adapter: the image prompt's tokens, which a hook adds to every cross-attention.
     image_prompt = None
     if ip_image is not None:
-        if content is not None or style is not None:
-            raise DrpError("ip_image cannot be combined with DRP-Diff's content/style references; give the "
-                           "pictures as content= and style= (mode=\"ip-adapter\" puts them in the cross-attention).")
         start = time.perf_counter()
         image_prompt = ip_adapter.image_prompt(sd, ip_image, ip_scale, batch)
-        timings["image prompt"] = time.perf_counter() - start
+        timings["image_prompt"] = time.perf_counter() - start
 
     # DRP-Diff: prepare the references and pick the switch step. Self-attention mode: invert them (or read
     # the cache) and find their masks; IP-Adapter mode: encode them into image tokens and split the keys.
@@ -110,7 +109,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     generators = [torch.Generator().manual_seed(s) for s in seeds] if eta > 0 else []
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
-        x_in, context, hook = torch.cat([x, x]), text, image_prompt
+        x_in, context, hook = torch.cat([x, x]), text, image_prompt  # the image prompt's hook, or None
         if method is not None:  # this step's stage decides the method's extra rows, text and attention hook
             late = i >= method.switch_step
             x_in, context, hook = method.step_inputs(i, late, x_in, context)

@@ -82,7 +82,8 @@ CASES = [  # kind, file form, pictures, our scale, diffusers' set_ip_adapter_sca
     ("base", ".bin", 2, 0.6, 0.6),
     ("plus", ".safetensors", 2, 0.6, 0.6),
     ("plus", ".bin", 1, 0.6, 0.6),
-    ("base", ".safetensors", 1, {"up_blocks.1": 1.0, "down_blocks.2": 0.5}, {"up": {"block_1": 1.0}, "down": {"block_2": 0.5}}),
+    ("base", ".safetensors", 1, {"up_blocks.1": 1.0, "down_blocks.2": 0.5},
+     {"up": {"block_1": 1.0}, "down": {"block_2": 0.5}}),
 ]
 
 
@@ -129,7 +130,8 @@ def test_png_parameters_record_the_adapter_and_scale(world, tmp_path):
     sd = with_adapter(world, tmp_path, "base", ".bin")
     result, _ = ours(sd, ip_image=world[3][0], ip_scale={"up_blocks.1": 1.0})
     text = parameters_text(result.info)
-    assert 'IP-Adapter: ip-adapter_sd15.bin, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0}", IP-Adapter images: picture' in text
+    assert ('IP-Adapter: ip-adapter_sd15.bin, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0}", '
+            'IP-Adapter images: picture') in text
 
 
 def test_an_image_prompt_without_converted_files_names_the_download_command(world):
@@ -142,7 +144,7 @@ def test_an_image_prompt_without_converted_files_names_the_download_command(worl
 
 def test_an_image_prompt_with_content_or_style_references_is_refused_in_one_sentence(world):
     sd = drp.load(world[2])
-    with pytest.raises(DrpError, match="cannot be combined with content/style references"):
+    with pytest.raises(DrpError, match="cannot be combined with DRP-Diff's content/style references"):
         ours(sd, ip_image=world[3][0], style=world[3][1])
 
 
@@ -173,9 +175,11 @@ def test_the_file_numbering_is_diffusers_attn_processors_order_with_the_mid_bloc
             reference = UNet2DConditionModel(**dcfg)
             unet = UNet(cfg)
         processors = list(reference.attn_processors)
-        expected = {i: name.removesuffix(".processor") for i, name in enumerate(processors) if name.endswith("attn2.processor")}
+        expected = {i: name.removesuffix(".processor") for i, name in enumerate(processors)
+                    if name.endswith("attn2.processor")}
         assert file_index(list(attn2_layers(cfg))) == expected
-        assert list(attn2_layers(cfg)) == [n for n, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross]
+        ours = [n for n, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross]
+        assert list(attn2_layers(cfg)) == ours
     assert file_index(list(attn2_layers()))[31] == "mid_block.attentions.0.transformer_blocks.0.attn2"
 
 
@@ -202,3 +206,34 @@ def test_several_pictures_share_one_softmax_and_own_key_weights_replace_the_adap
     w = torch.randn_like(adapter.key_weight(name))
     own = DecoupledCrossAttention(adapter, [ImageGroup(a, 1.0, key_weights={name: w})])(attn, q, k, v, call)
     assert torch.allclose(own, attend(q, k, v) + term(a, w), atol=1e-6)
+
+
+def load_sample_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sample", Path(__file__).resolve().parent.parent / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_cli_prompts_with_images_and_a_per_block_scale_and_records_them(world, tmp_path, capsys):
+    sample = load_sample_module()
+    sd = with_adapter(world, tmp_path, "plus", ".safetensors")
+    for k, picture in enumerate(world[3]):
+        picture.save(tmp_path / f"ref{k}.png")
+    quick = ["--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--prompt", "a fox"]
+    args = ["--weights", str(sd.folder), *quick, "--ip-image", str(tmp_path / "ref0.png"), "--ip-image",
+            str(tmp_path / "ref1.png"), "--ip-scale", "up_blocks.1=1,mid_block=0.5", "--out", str(tmp_path / "x.png")]
+    assert sample.main(args) == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "x.png").text["parameters"].endswith(
+        'IP-Adapter: ip-adapter-plus_sd15, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0, \\"mid_block\\": 0.5}", '
+        "IP-Adapter images: ref0.png | ref1.png")
+    missing = ["--weights", str(world[2]), *quick, "--ip-image", str(tmp_path / "ref0.png"),
+               "--out", str(tmp_path / "y.png")]
+    assert sample.main(missing) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ip-image needs IP-Adapter's files") and \
+        "`python convert_weights.py --download ip-adapter`" in err[0]
+    assert not (tmp_path / "y.png").exists()

@@ -73,10 +73,20 @@ def ours_with(cfg, state):
 
 
 def load_encoder_folder(folder):
-    """An image-encoder folder in the published layout (config.json + model.safetensors) -> our model.
-    The step that drp's converter (the IP-Adapter work) takes over."""
-    cfg = VisionConfig.from_transformers(json.loads((folder / "config.json").read_text()))
-    return ours_with(cfg, load_file(str(folder / "model.safetensors")))
+    """An image-encoder folder in the published layout (config.json + model.safetensors) -> our model, the
+    way a user gets it: through drp's converter (convert_weights.py) into a weights folder, then read back
+    as drp.load does (`sd.image_encoder`). The source file is deleted once converted: one 2.5 GB file at a
+    time in the scratch folder."""
+    from drp.convert import convert
+    from drp.model_io import load_ip_component
+
+    out = folder / "converted"
+    convert(folder, out, dtype="fp32", progress=False)
+    (folder / "model.safetensors").unlink()
+    try:
+        return load_ip_component("image_encoder", out, None, torch.device("cpu"), torch.float32)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def pixels(batch, seed, size=224):
