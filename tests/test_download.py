@@ -8,20 +8,19 @@ like Hugging Face's resolve endpoint: a 302 to `/file` carrying `X-Linked-ETag` 
 import hashlib
 import random
 import socket
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from drp.download import DEFAULT_URL, download, sha256_from_etag, weights_url
 from drp.errors import DrpError
+from local_server import TIMEOUT_S, serving
 
 DATA = random.Random(0).randbytes(300_000)  # the fake checkpoint
 SHA = hashlib.sha256(DATA).hexdigest()
 MD5_ETAG = '"' + hashlib.md5(DATA).hexdigest() + '"'  # what a CDN might send: 32 hex, not a sha256
 CUT = 100_000  # bytes sent before an interrupted first response closes the connection
-TIMEOUT_S = 5  # every socket in these tests gives up after this long
 
 
 @dataclass
@@ -89,14 +88,8 @@ def make_handler(host):
 @pytest.fixture
 def host():
     h = Host()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(h))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    h.url = f"http://127.0.0.1:{server.server_port}"
-    yield h
-    server.shutdown()
-    server.server_close()
-    thread.join(TIMEOUT_S)
+    with serving(make_handler(h)) as h.url:
+        yield h
 
 
 def fetch(url, dest, progress=False):

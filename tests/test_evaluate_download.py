@@ -7,9 +7,8 @@ blob id) and serves the files under `/raw/<path>` with HTTP Range support, as ra
 import hashlib
 import json
 import random
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ import pytest
 from drp.errors import DrpError
 from drp.evaluate.__main__ import main
 from drp.evaluate.fetch import RAW_ENV, TREE_ENV, download_dreambench
+from local_server import TIMEOUT_S, serving
 
 SAMPLE = Path(__file__).parent / "data" / "dreambench"
-TIMEOUT_S = 5
 CUT = 1000  # bytes sent before an interrupted response closes the connection
 rng = random.Random(0)
 FILES = {  # the repository at the pinned commit: what is fetched, and two files that are not
@@ -91,14 +90,8 @@ def make_handler(host):
 @pytest.fixture
 def github():
     host = GitHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(host))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    host.url = f"http://127.0.0.1:{server.server_port}"
-    yield host
-    server.shutdown()
-    server.server_close()
-    thread.join(TIMEOUT_S)
+    with serving(make_handler(host)) as host.url:
+        yield host
 
 
 def fetch(host, out):

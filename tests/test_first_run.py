@@ -13,8 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,11 @@ from PIL import Image
 
 import drp.download
 from checkpoints import tiny_checkpoint
+from local_server import TIMEOUT_S, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "v1-5-pruned-emaonly.safetensors"
 QUICK = ["--prompt", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--no-progress"]
-TIMEOUT_S = 5
 
 
 class Served:
@@ -58,14 +57,9 @@ def host(tmp_path_factory):
             self.end_headers()
             self.wfile.write(served.body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    served.url = f"http://127.0.0.1:{server.server_port}/{NAME}"
-    yield served
-    server.shutdown()
-    server.server_close()
-    thread.join(TIMEOUT_S)
+    with serving(Handler) as base:
+        served.url = f"{base}/{NAME}"
+        yield served
 
 
 @pytest.fixture
