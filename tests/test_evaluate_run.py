@@ -1,6 +1,7 @@
 """`python -m drp.evaluate run`: items and seeds, torchrun shards, resuming, and refusing bad input.
 
-A tiny random checkpoint (tests/tiny.py), 2 DDIM steps at 64×64, on the CPU. The torchrun run uses two
+A tiny random checkpoint (tests/tiny.py; with a tiny IP-Adapter and image encoder of tests/ip_checkpoints.py
+for the ip-adapter mode), 2 DDIM steps at 64×64, on the CPU. The torchrun run uses two
 processes talking through gloo, as a CPU-only cluster would.
 """
 
@@ -17,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from drp.convert import convert
 from drp.evaluate.__main__ import main
 from drp.evaluate.data import class_only, read_prompts_and_classes, without_words
 from drp.evaluate.run import build_items, item_seed
+from ip_checkpoints import adapter_file, reference_encoder, save_adapter
 from tiny import tiny_weights_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,3 +186,29 @@ def test_drp_mode_gives_the_references_to_generate_and_resumes(weights, tmp_path
     assert "rank 0 of 1: 0 made, 1 already there" in capsys.readouterr().out
     err = one_line_error(capsys, ["run", *one, "--out", str(tmp_path / "ip"), "--mode", "ip-adapter"])
     assert "the ip-adapter mode needs the IP-Adapter" in err and not (tmp_path / "ip").exists()
+
+
+def test_ip_adapter_mode_records_its_mode_auto_chooses_it_and_a_rerun_makes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DRP_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tiny_weights_dir(tmp_path / "weights")  # its own folder: the module's `weights` has no adapter
+    convert(save_adapter(tmp_path / "h94" / "ip-adapter_sd15.safetensors", adapter_file("base", seed=2)), weights,
+            dtype="fp32", progress=False)
+    reference_encoder(seed=5).save_pretrained(tmp_path / "h94" / "image_encoder")
+    convert(tmp_path / "h94" / "image_encoder", weights, dtype="fp32", progress=False)
+    one = ["--bench", "dual", "--data", str(DATA), "--subjects", "cat", "--prompts", "1", "--images-per-prompt", "1",
+           "--limit", "1", "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "fp32",
+           "--no-progress", "--weights", str(weights)]
+    assert run_alone(["run", *one, "--out", str(tmp_path / "ip"), "--mode", "ip-adapter"]) == 0
+    assert run_alone(["run", *one, "--out", str(tmp_path / "auto"), "--mode", "auto"]) == 0
+    image = Path("images") / "cat-shipwreck-00-00.png"
+    text = Image.open(tmp_path / "ip" / image).info["parameters"]
+    assert ("DRP mode: ip-adapter, DRP subject: cat, DRP content: dataset/cat/00.jpg, "
+            "DRP style: shipwreck.jpg") in text
+    ip, auto = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("ip", "auto"))
+    assert ip["mode"] == auto["mode"] == "ip-adapter" and ip["ip_adapter"] == auto["ip_adapter"] is not None
+    assert (tmp_path / "auto" / image).read_bytes() == (tmp_path / "ip" / image).read_bytes()
+    kept = stamps(tmp_path / "ip")
+    capsys.readouterr()
+    assert run_alone(["run", *one, "--out", str(tmp_path / "ip"), "--mode", "auto"]) == 0  # auto = ip-adapter here
+    assert "rank 0 of 1: 0 made, 1 already there" in capsys.readouterr().out
+    assert stamps(tmp_path / "ip") == kept
