@@ -9,6 +9,7 @@ picture a researcher looks at first.
 
 import json
 import math
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
@@ -16,6 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 from ..errors import DrpError
 from ..images import load_image
 from . import data as bench_data
+from .run import make_folder, write_text
 from .score import read_run
 
 METRICS = ("clip_t", "clip_t_bg", "clip_i", "clip_i_cond", "dino", "dino_cond", "style_clip")
@@ -107,9 +109,13 @@ def contact_sheet(run, path=None):
         for col, item in enumerate(members[:SHEET_IMAGES]):
             sheet.paste(thumbnail(run / item["file"]), ((refs + col) * THUMB + 8, y + label))
     path = Path(path or run / "contact_sheet.png")
-    tmp = path.with_name(f".{path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
+    try:
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DrpError(f"cannot write {path} ({e.strerror or e}); make {run} writable.") from None
     return path
 
 
@@ -120,10 +126,8 @@ def report(runs, out=None):
     for run in runs:
         contact_sheet(run)
     out = Path(out or runs[0])
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     text = table(summaries)
-    for name, content in (("summary.json", json.dumps(summaries, indent=1) + "\n"), ("report.md", text)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(content, encoding="utf-8")
-        tmp.replace(out / name)
+    write_text(out / "summary.json", json.dumps(summaries, indent=1) + "\n")
+    write_text(out / "report.md", text)
     return text

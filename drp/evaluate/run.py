@@ -119,12 +119,27 @@ def generate_kwargs(item, cfg, data, style_dir):
 
 
 def write_text(path, text):
-    """Write `text` to `path` through a temporary file; a file that already holds it is left untouched."""
+    """Write `text` to `path` through a temporary file; a file that already holds it is left untouched.
+
+    The one writer of the harness's text files (config.json, items.jsonl, scores, the report)."""
+    path = Path(path)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DrpError(f"cannot write {path} ({e.strerror or e}); choose a writable folder.") from None
+
+
+def make_folder(folder):
+    """mkdir -p, with a sentence instead of a traceback when the folder cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DrpError(f"cannot create the folder {folder} ({e.strerror or e}); choose a writable place.") from None
 
 
 def is_config_tmp(name):
@@ -198,10 +213,10 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
         check_run_folder(out, cfg)
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
         if ranks.main:  # config.json first: a folder holding it is a run of ours whatever happens next
-            out.mkdir(parents=True, exist_ok=True)
+            make_folder(out)
             write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")
             write_text(out / "items.jsonl", "".join(json.dumps(asdict(i)) + "\n" for i in items))
-            (out / "images").mkdir(exist_ok=True)
+            make_folder(out / "images")
         R.barrier(ranks)
         mine = items[ranks.rank :: ranks.world]
         todo = pending(mine, out, cfg)

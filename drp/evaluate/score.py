@@ -17,7 +17,6 @@ that every item is there exactly once, and removes them. Raw cosines are stored;
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from ..errors import DrpError
 from . import data as bench_data
 from . import ranks as R
 from .metrics import cosine, load_clip, load_dino
+from .run import write_text
 
 
 def read_run(run):
@@ -109,9 +109,8 @@ def rank_file(run, rank, world):
 
 
 def write_lines(path, rows):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    """Rows as JSON lines, written through a temporary file."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def merge_scores(run, ids, world):
