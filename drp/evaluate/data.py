@@ -73,6 +73,12 @@ def read_prompts_and_classes(path):
     return classes, lists["object"], lists["live"]
 
 
+def photos_in(folder):
+    """A subject's photos: the pictures in its folder, sorted (DreamBench numbers them with gaps)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
 def dreambench(data, names=None):
     """The DreamBench subjects under DATA (all, or those named, in the order given), as `Subject`s."""
     data = Path(data)
@@ -87,7 +93,7 @@ def dreambench(data, names=None):
     subjects = []
     for name in names:
         folder = data / "dataset" / name
-        photos = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        photos = photos_in(folder)
         if not photos:
             raise DrpError(f"the DreamBench subject {name!r} has no photos in {folder}; {DOWNLOAD_HINT}.")
         templates = live if classes[name] in LIVE_CLASSES else objects

@@ -89,8 +89,7 @@ def score_items(items, run, clip, dino, data, style_dir, batch_size=16, progress
                 cond = data / item["content"]
                 folder = cond.parent
                 if folder not in photos:
-                    photos[folder] = sorted(p for p in folder.iterdir()
-                                            if p.suffix.lower() in bench_data.IMAGE_SUFFIXES)
+                    photos[folder] = bench_data.photos_in(folder)
                 for name, g, refs in (("clip", g_clip, clip_ref), ("dino", g_dino, dino_ref)):
                     if refs is None:
                         continue
