@@ -168,3 +168,15 @@ def test_addresses_come_from_the_environment_and_errors_are_one_line(github, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: the file list of DreamBench could not be read") and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
+
+
+def test_a_listing_that_is_not_a_git_tree_or_names_a_path_outside_the_dataset_writes_nothing_there(github, tmp_path):
+    github.tree = lambda: b"[]"  # JSON, but a list
+    with pytest.raises(DrpError, match="did not list DreamBench's dataset/ folder"):
+        fetch(github, tmp_path / "data")
+    evil = "dataset/../../evil.txt"
+    github.files[evil] = b"outside"
+    del github.tree  # the real listing again, which now also names the file above
+    fetch(github, tmp_path / "data")
+    assert not (tmp_path / "evil.txt").exists() and not any("evil" in path for path, _ in github.requests)
+    assert files_under(tmp_path / "data") == sorted(FETCHED + [".dreambench-tree.json"])

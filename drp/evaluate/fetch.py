@@ -53,10 +53,11 @@ def git_blob_id(path):
 
 
 def wanted(entry):
-    """The dataset's files: everything under dataset/, and the licence files at the top."""
+    """The dataset's files: everything under dataset/, and the licence files at the top (never a path
+    with `..`, which a listing from --tree-url could hold, so nothing is written outside DATA)."""
     path = entry["path"]
-    return entry.get("type") == "blob" and (path.startswith("dataset/") or
-                                            ("/" not in path and path.upper().startswith("LICENSE")))
+    return entry.get("type") == "blob" and ".." not in path.split("/") and (
+        path.startswith("dataset/") or ("/" not in path and path.upper().startswith("LICENSE")))
 
 
 def read_listing(out, tree_url, timeout):
@@ -72,6 +73,8 @@ def read_listing(out, tree_url, timeout):
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         raise DrpError(f"the file list of DreamBench could not be read from {tree_url} "
                        f"({getattr(e, 'reason', e)}); run the command again later or pass --tree-url.") from None
+    if not isinstance(tree, dict):
+        tree = {}  # JSON, but not a git-trees listing: refused just below
     files = [dict(path=e["path"], size=int(e["size"]), sha=e["sha"]) for e in tree.get("tree", []) if wanted(e)]
     if tree.get("truncated") or not any(f["path"].endswith("prompts_and_classes.txt") for f in files):
         raise DrpError(f"{tree_url} did not list DreamBench's dataset/ folder; pass --tree-url with the "
