@@ -181,9 +181,10 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
     def embed(self, tokens, eos_id=49407):
         """tokens (B, 77) from the tokenizer -> text embeddings (B, projection_dim), not normalised."""
-        hidden = self(tokens)  # (B, 77, dim)
-        first_eos = (tokens == eos_id).int().argmax(dim=1)  # argmax returns the first of equal maxima
-        if not (tokens == eos_id).any(dim=1).all():
+        is_eos = tokens == eos_id
+        if not is_eos.any(dim=1).all():
             raise DrpError("every row of token ids needs an end-of-text token (49407); tokenize with drp's Tokenizer.")
+        first_eos = is_eos.int().argmax(dim=1)  # argmax returns the first of equal maxima
+        hidden = self(tokens)  # (B, 77, dim)
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), first_eos]  # (B, dim)
         return self.text_projection(pooled)

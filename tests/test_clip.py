@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from drp.clip import CLIPConfig, CLIPTextModel
+from drp.clip import CLIPConfig, CLIPTextModel, CLIPTextModelWithProjection
 from drp.errors import DrpError
 from manifests import MANIFESTS, diffusers_manifest
 
@@ -110,3 +110,22 @@ def test_sd15_text_encoder_has_every_key_and_shape_of_the_transformers_file():
     assert len(want) == 196
     assert sorted(got) == sorted(want)
     assert got == want
+
+
+def test_config_from_transformers_reads_a_clipmodel_text_half_and_refuses_another_activation():
+    b32 = CLIPConfig.from_transformers(dict(model_type="clip", text_config=dict(hidden_size=512)))
+    assert (b32.dim, b32.heads, b32.layers, b32.mlp_dim) == (512, 8, 12, 2048)  # transformers' defaults fill in
+    assert CLIPConfig.from_transformers(published_config()) == CLIPConfig()
+    with pytest.raises(DrpError, match="uses gelu"):
+        CLIPConfig.from_transformers(dict(published_config(), hidden_act="gelu"))
+
+
+def test_text_embedding_of_tokens_without_an_end_of_text_token_is_refused():
+    torch.manual_seed(0)
+    model = CLIPTextModelWithProjection(CLIPConfig.tiny(), projection_dim=16).eval()
+    tokens = prompt_tokens(batch=2, length=11, seed=3)
+    with torch.no_grad():
+        assert model.embed(tokens).shape == (2, 16)
+        tokens[1, 12:] = 0  # the second row loses its end-of-text and padding
+        with pytest.raises(DrpError, match="end-of-text token"):
+            model.embed(tokens)
