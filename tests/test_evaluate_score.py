@@ -159,13 +159,18 @@ def test_report_tabulates_mean_and_standard_error_and_draws_a_contact_sheet(mode
     assert sheet.size == ((2 + 1) * 128 + 8, 3 * (128 + 14))  # content + style, then 1 image; 3 pairs
 
 
-def test_report_into_a_folder_that_cannot_be_made_is_one_sentence(models, run, tmp_path, capsys):
+def test_report_into_a_folder_that_cannot_be_made_or_of_broken_scores_is_one_sentence(models, run, tmp_path, capsys):
     score(run, models / "clip", None, device="cpu", progress=False, log=lambda *a: None)
     (tmp_path / "a_file").write_text("mine")
     assert main(["report", str(run), "--out", str(tmp_path / "a_file" / "report")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot create the folder ") and err.count("\n") == 1, err
     assert (tmp_path / "a_file").read_text() == "mine"
+    with open(run / "scores.jsonl", "a") as f:
+        f.write('{"id": "cut short')  # a line cut in the middle
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "scores.jsonl is broken" in err and err.count("\n") == 1, err
 
 
 def test_torchrun_with_two_processes_scores_every_image_once(models, run):

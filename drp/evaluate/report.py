@@ -43,7 +43,10 @@ def summarize(run):
     if not path.is_file():
         raise DrpError(f"{run} has no scores.jsonl; score it first with "
                        f"`python -m drp.evaluate score {run} --clip CLIP`.")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError:
+        raise DrpError(f"{path} is broken; score {run} again with `python -m drp.evaluate score`.") from None
     metrics = {}
     for m in METRICS:
         values = [r[m] for r in rows if m in r]
