@@ -168,6 +168,11 @@ def test_addresses_come_from_the_environment_and_errors_are_one_line(github, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: the file list of DreamBench could not be read") and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
+    (tmp_path / "a_file").write_text("mine")
+    monkeypatch.setenv(TREE_ENV, github.url + "/tree")
+    assert main(["download", "dreambench", "--out", str(tmp_path / "a_file" / "data"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1, err
 
 
 def test_a_listing_that_is_not_a_git_tree_or_names_a_path_outside_the_dataset_writes_nothing_there(github, tmp_path):

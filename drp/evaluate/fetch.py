@@ -79,10 +79,13 @@ def read_listing(out, tree_url, timeout):
     if tree.get("truncated") or not any(f["path"].endswith("prompts_and_classes.txt") for f in files):
         raise DrpError(f"{tree_url} did not list DreamBench's dataset/ folder; pass --tree-url with the "
                        f"git-trees listing of {REPOSITORY} at commit {COMMIT}.")
-    out.mkdir(parents=True, exist_ok=True)
     tmp = kept.with_name(kept.name + ".tmp")
-    tmp.write_text(json.dumps(files, indent=1))
-    os.replace(tmp, kept)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(files, indent=1))
+        os.replace(tmp, kept)
+    except OSError as e:
+        raise DrpError(f"cannot write {kept} ({e.strerror or e}); choose a writable --out.") from None
     return files
 
 
@@ -137,8 +140,7 @@ def download_dreambench(out, tree_url=None, raw_url=None, progress=True, timeout
                unit_divisor=1024, desc="DreamBench", disable=not progress)
     with bar:
         for entry in todo:
-            dest = out / entry["path"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = out / entry["path"]  # download() makes its folder
             fetch_file(raw_url.rstrip("/") + "/" + quote(entry["path"]), dest, entry, timeout)
             bar.update(entry["size"])
     return len(todo)
