@@ -166,6 +166,9 @@ def test_bad_input_is_one_sentence_and_leaves_the_run_folder_untouched(alone, we
     (foreign / "thesis.txt").write_text("mine")
     err = one_line_error(capsys, ["run", *SETTINGS, "--weights", str(weights), "--out", str(foreign)])
     assert "holds no run of drp.evaluate" in err and sorted(os.listdir(foreign)) == ["thesis.txt"]
+    (foreign / "config.json").write_text("[1, 2]")  # JSON, but not a run's settings
+    err = one_line_error(capsys, ["run", *SETTINGS, "--weights", str(weights), "--out", str(foreign)])
+    assert "config.json is not a run's config.json" in err and (foreign / "config.json").read_text() == "[1, 2]"
 
 
 def test_drp_mode_gives_the_references_to_generate_and_resumes(weights, tmp_path, monkeypatch, capsys):

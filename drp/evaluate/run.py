@@ -154,7 +154,9 @@ def check_run_folder(out, cfg):
         try:
             old = json.loads(config.read_text())
         except ValueError:
-            raise DrpError(f"{config} is not a run's config.json; choose another --out.") from None
+            old = None
+        if not isinstance(old, dict):
+            raise DrpError(f"{config} is not a run's config.json; choose another --out.")
         for key in PIXEL_SETTINGS:
             if old.get(key) != cfg.get(key):
                 raise DrpError(f"{out} holds a run with other settings ({key} {old.get(key)!r}, not "
