@@ -160,6 +160,8 @@ def test_bad_input_is_one_sentence_and_leaves_the_run_folder_untouched(alone, we
     assert "there is no DreamBench dataset" in one_line_error(capsys, base + missing)
     unknown = [a.replace("red_cartoon", "unicorn") for a in SETTINGS]
     assert "unknown DreamBench subject 'unicorn'" in one_line_error(capsys, base + unknown)
+    none = [a.replace("cat,red_cartoon", ",") for a in SETTINGS]
+    assert "--subjects names no subject" in one_line_error(capsys, base + none)
     assert stamps(out) == kept
     foreign = tmp_path / "documents"
     foreign.mkdir()

@@ -68,6 +68,8 @@ def build_items(bench, data=None, style_dir=None, subjects=None, prompts=None, i
         raise DrpError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHES)}.")
     if images_per_prompt < 1 or (prompts is not None and prompts < 1) or (limit is not None and limit < 1):
         raise DrpError("--images-per-prompt, --prompts and --limit must be whole numbers ≥ 1.")
+    if subjects is not None and not subjects:  # `--subjects ,`: a run of nothing
+        raise DrpError("--subjects names no subject; give names such as cat,dog, or leave it out for all.")
     rows = []  # (id, prompt, subject, content, style)
     styles = (None, [""])
     if bench in ("style", "dual"):
