@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import checkpoints as ck
 from drp import keymaps
 from drp.clip import CLIPConfig
-from drp.convert import convert, plan_folder, plan_single_file
+from drp.convert import convert, open_tensors, plan_folder, plan_single_file
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig
@@ -337,6 +338,26 @@ def test_other_kinds_of_file_are_refused_with_one_sentence(tiny_ldm, tmp_path, k
     assert words in message and str(src.name) in message
     assert "\n" not in message and message.endswith(".")
     assert not (tmp_path / "weights").exists()
+
+
+def safetensors_starting_with_0x80(path):
+    """A small safetensors file whose header length is 128 more than a multiple of 256: byte 0 is 0x80,
+    the byte a pickle starts with too (metadata pads the header until it is)."""
+    for pad in range(256):
+        save_file({"w": torch.arange(6.0).reshape(2, 3)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            return path
+    raise AssertionError("no padding gives a header length of 128 mod 256")
+
+
+def test_a_safetensors_file_starting_with_the_pickle_byte_reads_and_its_damaged_copy_says_safetensors(tmp_path):
+    src = safetensors_starting_with_0x80(tmp_path / "a.safetensors")
+    source = open_tensors(src)
+    assert source.shapes == {"w": (2, 3)} and torch.equal(source.read("w"), torch.arange(6.0).reshape(2, 3))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src.read_bytes()[:-8])  # the header intact, the last tensor's bytes short
+    with pytest.raises(DrpError, match=r"cut\.safetensors is a truncated or damaged safetensors file"):
+        open_tensors(cut)
 
 
 def test_a_diffusers_sd2_folder_is_refused(tmp_path):
