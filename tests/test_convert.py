@@ -468,6 +468,26 @@ def test_cli_download_saves_into_the_out_folder_then_converts(tiny_ldm, tmp_path
     assert len(fetched) == 1  # an existing set is refused before, not after, a download
 
 
+def test_cli_download_of_the_default_file_checks_it_against_the_pinned_sha256(tmp_path, monkeypatch, capsys):
+    import drp.download
+
+    asked = []
+
+    def fake_download(url, dest, progress=True, sha256=None):  # stops the CLI before any conversion
+        asked.append((url, Path(dest), sha256))
+        raise DrpError("the test stops here.")
+
+    monkeypatch.setattr(drp.download, "download", fake_download)
+    monkeypatch.delenv("DRP_WEIGHTS_URL", raising=False)
+    assert load_cli().main(["--download", "--out", str(tmp_path / "w")]) == 1
+    assert asked == [(drp.download.DEFAULT_URL, tmp_path / "w" / "v1-5-pruned-emaonly.safetensors",
+                      drp.download.DEFAULT_SHA256)]
+    assert capsys.readouterr().err == "error: the test stops here.\n"
+    monkeypatch.setenv("DRP_WEIGHTS_URL", "https://example.org/other.safetensors")  # no published hash to pin
+    load_cli().main(["--download", "--out", str(tmp_path / "w")])
+    assert asked[-1][2] is None
+
+
 # ---- the one full-size test ----------------------------------------------------------------------
 
 def test_full_size_sd15_file_converts_like_diffusers_tensor_by_tensor_and_the_unet_agrees(tmp_path):
