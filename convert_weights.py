@@ -13,8 +13,9 @@ ip_adapter.safetensors / image_encoder.safetensors (+ their JSON) to the same fo
 (drp/convert_ip_adapter.py); `--download ip-adapter` keeps the fetched files in DIR/h94-IP-Adapter/.
 
 `--download` saves the checkpoint as DIR/<file name of the URL>, i.e. weights/v1-5-pruned-emaonly.safetensors
-(SRC, if given, names another place), and keeps it after converting; an existing complete file is not
-downloaded again, an interrupted one is resumed. The default file must have its published sha256.
+(SRC, if given, names another place: write it before `--download`, which would take it for its choice),
+and keeps it after converting; an existing complete file is not downloaded again, an interrupted one is
+resumed. The default file must have its published sha256.
 """
 
 import argparse

@@ -35,7 +35,7 @@ from . import keymaps
 from .clip import CLIPConfig
 from .errors import DrpError
 from .model_io import FILE_DTYPES, FORMAT, MODELS, build_on_meta
-from .torch_files import read_state_dict
+from .torch_files import kind_of, read_state_dict
 from .unet import UNetConfig
 from .vae import VAEConfig
 
@@ -98,8 +98,9 @@ def open_tensors(path):
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         except SafetensorError as e:
             # 0x80 starts a pickle (torch.save's legacy format), whose bytes can pass the test above; but it is
-            # also the first byte of a safetensors file whose header length is 128 more than a multiple of 256
-            if head[:1] != b"\x80":
+            # also the first byte of a safetensors file whose header length is 128 more than a multiple of 256:
+            # only bytes that decode as a pickle go on to torch_files, the others are a damaged safetensors file
+            if head[:1] != b"\x80" or kind_of(path) is None:
                 raise DrpError(f"{path} is a truncated or damaged safetensors file ({e}); download it again.") from None
         else:
             return Source(shapes, handle.get_tensor)

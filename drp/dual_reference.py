@@ -98,7 +98,7 @@ class Reference:
 def recording(opts, tokens):
     """What, besides the picture, caption, steps, size, weights and dtype, decides what a cache entry holds (§1)."""
     return dict(record_t=list(opts.record_t), mask_layers=list(opts.mask_layers), self_layer=opts.self_layer,
-                subject_tokens=tokens, cross_recorded=bool(tokens), latents_dtype=str(TRAJECTORY_DTYPE))
+                subject_tokens=tokens, latents_dtype=str(TRAJECTORY_DTYPE))  # no tokens: no cross-attention map
 
 
 def prepare_reference(sd, kind, image, caption, tokens, user_mask, steps, height, width, opts, progress):

@@ -92,7 +92,7 @@ def invert(sd, image, prompt="", steps=50, height=512, width=512, hook_for_step=
     (DRP-Diff records attention maps this way). `context`: the prompt already encoded, if the caller has it.
     """
     check_settings(steps, 1.0, height, width)
-    x = (image if torch.is_tensor(image) else encode_image(sd, image, width, height)).to(TRAJECTORY_DTYPE)
+    x = (image if torch.is_tensor(image) else encode_image(sd, image, width, height)).to(sd.device, TRAJECTORY_DTYPE)
     x0, context = x, encode_text(sd, [prompt]) if context is None else context
     alphas = ddim.alphas_cumprod().to(sd.device)
     path = []

@@ -21,6 +21,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+from collections import deque
 
 import torch
 
@@ -70,11 +71,11 @@ def kind_of(path):
         if not head or head[0] not in PICKLE_STARTS:
             return None
         f.seek(0)
-        try:
-            first = list(pickletools.genops(f))
+        try:  # decode the first pickle to its STOP, keeping only its last two opcodes (not every argument)
+            last = deque(pickletools.genops(f), maxlen=2)
         except Exception:  # not a pickle: an unknown opcode, or bytes missing
             return None
-    if len(first) >= 2 and first[-2][0].name.startswith("LONG") and first[-2][1] == LEGACY_MAGIC:
+    if len(last) == 2 and last[0][0].name.startswith("LONG") and last[0][1] == LEGACY_MAGIC:
         return "legacy"
     return "pickle"
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import checkpoints as ck
 from drp import keymaps
 from drp.clip import CLIPConfig
-from drp.convert import convert, plan_folder, plan_single_file
+from drp.convert import convert, open_tensors, plan_folder, plan_single_file
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig
@@ -339,6 +340,26 @@ def test_other_kinds_of_file_are_refused_with_one_sentence(tiny_ldm, tmp_path, k
     assert not (tmp_path / "weights").exists()
 
 
+def safetensors_starting_with_0x80(path):
+    """A small safetensors file whose header length is 128 more than a multiple of 256: byte 0 is 0x80,
+    the byte a pickle starts with too (metadata pads the header until it is)."""
+    for pad in range(256):
+        save_file({"w": torch.arange(6.0).reshape(2, 3)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            return path
+    raise AssertionError("no padding gives a header length of 128 mod 256")
+
+
+def test_a_safetensors_file_starting_with_the_pickle_byte_reads_and_its_damaged_copy_says_safetensors(tmp_path):
+    src = safetensors_starting_with_0x80(tmp_path / "a.safetensors")
+    source = open_tensors(src)
+    assert source.shapes == {"w": (2, 3)} and torch.equal(source.read("w"), torch.arange(6.0).reshape(2, 3))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src.read_bytes()[:-8])  # the header intact, the last tensor's bytes short
+    with pytest.raises(DrpError, match=r"cut\.safetensors is a truncated or damaged safetensors file"):
+        open_tensors(cut)
+
+
 def test_a_diffusers_sd2_folder_is_refused(tmp_path):
     folder = ck.write_diffusers_folder(tmp_path / "sd", ck.reference_models(seed=8))
     config = folder / "unet" / "config.json"
@@ -445,6 +466,26 @@ def test_cli_download_saves_into_the_out_folder_then_converts(tiny_ldm, tmp_path
     assert (tmp_path / "w" / "sd-v1-x.safetensors").exists()  # kept: nothing the user did not ask is deleted
     assert cli.main(["--download", "--url", "https://example.org/b.safetensors", "--out", str(tmp_path / "w")]) == 1
     assert len(fetched) == 1  # an existing set is refused before, not after, a download
+
+
+def test_cli_download_of_the_default_file_checks_it_against_the_pinned_sha256(tmp_path, monkeypatch, capsys):
+    import drp.download
+
+    asked = []
+
+    def fake_download(url, dest, progress=True, sha256=None):  # stops the CLI before any conversion
+        asked.append((url, Path(dest), sha256))
+        raise DrpError("the test stops here.")
+
+    monkeypatch.setattr(drp.download, "download", fake_download)
+    monkeypatch.delenv("DRP_WEIGHTS_URL", raising=False)
+    assert load_cli().main(["--download", "--out", str(tmp_path / "w")]) == 1
+    assert asked == [(drp.download.DEFAULT_URL, tmp_path / "w" / "v1-5-pruned-emaonly.safetensors",
+                      drp.download.DEFAULT_SHA256)]
+    assert capsys.readouterr().err == "error: the test stops here.\n"
+    monkeypatch.setenv("DRP_WEIGHTS_URL", "https://example.org/other.safetensors")  # no published hash to pin
+    load_cli().main(["--download", "--out", str(tmp_path / "w")])
+    assert asked[-1][2] is None
 
 
 # ---- the one full-size test ----------------------------------------------------------------------
