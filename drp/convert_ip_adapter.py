@@ -37,7 +37,6 @@ FORMAT = 1
 ADAPTER = ("ip_adapter.safetensors", "ip_adapter.json")
 ENCODER = ("image_encoder.safetensors", "image_encoder.json")
 ENCODER_FILES = ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"]
-ENCODER_IGNORED = ("vision_model.embeddings.position_ids",)  # a buffer of old transformers, arange(257)
 # What SD 1.5's IP-Adapters were trained with (h94/IP-Adapter models/image_encoder/config.json).
 VIT_H14 = {"hidden_size": 1280, "projection_dim": 1024, "num_hidden_layers": 32, "patch_size": 14}
 REPO = "https://huggingface.co/h94/IP-Adapter/resolve/main/"
@@ -182,10 +181,10 @@ def encoder_config(config, name, adapter=None):
 
 
 def plan_encoder(shapes, cfg, name="image encoder"):
-    from .vision import VisionTransformer
+    from .vision import IGNORED, VisionTransformer
 
     targets = {k: tuple(t.shape) for k, t in build_module_on_meta(VisionTransformer, cfg).state_dict().items()}
-    return bijection(shapes, targets, lambda key: key, ENCODER_IGNORED, name)
+    return bijection(shapes, targets, lambda key: key, IGNORED, name)
 
 
 def read_adapter_config(out):
