@@ -236,7 +236,8 @@ def load_ip_component(name, folder, unet, device, dtype):
     classes = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}
     cls, cfg_cls = classes[name]
     try:
-        cfg = cfg_cls(**json.loads(meta.read_text())["config"])
+        info = json.loads(meta.read_text())
+        cfg = cfg_cls(**info["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise DrpError(f"{meta} was not written by this version of drp ({e}); convert it again: "
                        f"{GET_IP_ADAPTER}.") from None
@@ -244,5 +245,5 @@ def load_ip_component(name, folder, unet, device, dtype):
         raise DrpError(f"the IP-Adapter in {folder} was made for another UNet than the one there; "
                        f"convert it again next to these weights: {GET_IP_ADAPTER}.")
     model = load_model(name, cfg, meta.with_suffix(".safetensors"), device, dtype, cls, GET_IP_ADAPTER)
-    model.source = json.loads(meta.read_text()).get("source", {})  # which file it came from, for the report
+    model.source = info.get("source", {})  # which file it came from, for the report
     return model
