@@ -58,7 +58,8 @@ def component_of(src):
             config = json.loads((src / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        return "image-encoder" if config.get("model_type") in ("clip_vision_model", "clip") else None
+        is_clip = isinstance(config, dict) and config.get("model_type") in ("clip_vision_model", "clip")
+        return "image-encoder" if is_clip else None
     if not src.is_file() or src.stat().st_size > 2**30:  # IP-Adapter files are 44-200 MB, SD files ≥ 2 GB
         return None
     keys = open_tensors(src).shapes
