@@ -25,7 +25,6 @@ ip_adapter/attention_processor.py `IPAttnProcessor2_0`); equal to diffusers' `lo
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -212,11 +211,10 @@ class IPAdapter(nn.Module):
 
 @dataclass
 class ImageGroup:
-    """Image tokens that share one softmax in every attn2, with their scale (and optional own keys)."""
+    """Image tokens that share one softmax in every attn2, with their scale."""
 
     tokens: torch.Tensor  # (rows, T, 768): the UNet batch's rows, unconditional rows first, then conditional
     scale: object  # a float for every layer, or {attn2 name: float} (absent layers: 0); see resolve_scale
-    key_weights: Optional[dict] = None  # {attn2 name: (width, 768)} used instead of the adapter's to_k_ip
 
     def scale_at(self, name):
         return float(self.scale.get(name, 0.0)) if isinstance(self.scale, dict) else float(self.scale)
@@ -239,11 +237,8 @@ class DecoupledCrossAttention:
     def keys_values(self, attn, g, name, dtype):
         """(K, V) of group `g` at layer `name`, heads split: (rows, h, T, d) each."""
         if (g, name) not in self._keys_values:
-            group = self.groups[g]
-            tokens = group.tokens.to(dtype)
-            w_k = self.adapter.key_weight(name) if group.key_weights is None or name not in group.key_weights \
-                else group.key_weights[name]
-            k = attn.split_heads(F.linear(tokens, w_k.to(dtype)))
+            tokens = self.groups[g].tokens.to(dtype)
+            k = attn.split_heads(F.linear(tokens, self.adapter.key_weight(name).to(dtype)))
             v = attn.split_heads(F.linear(tokens, self.adapter.value_weight(name).to(dtype)))
             self._keys_values[(g, name)] = k, v
         return self._keys_values[(g, name)]
