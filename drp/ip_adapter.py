@@ -205,7 +205,7 @@ class IPAdapter(nn.Module):
         p = next(self.parameters())
         if self.kind == "base":
             return self.image_proj(torch.zeros(1, self.cfg.image_dim, device=p.device, dtype=p.dtype))
-        size = getattr(getattr(image_encoder, "cfg", None), "image_size", 224)
+        size = image_encoder.cfg.image_size
         return self.image_tokens(image_encoder, torch.zeros(1, 3, size, size))
 
 
