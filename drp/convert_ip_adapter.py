@@ -110,8 +110,11 @@ def adapter_config(shapes, unet_cfg, name):
             extra = dict(kind="plus", num_tokens=tokens, image_dim=shapes["image_proj.proj_in.weight"][1], dim=dim,
                          depth=depth, heads=shapes["image_proj.layers.0.0.to_q.weight"][0] // 64,
                          ff_mult=shapes["image_proj.layers.0.1.1.weight"][0] // dim)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
         raise DrpError(f"{name} lacks the IP-Adapter tensor {e}; download the file again.") from None
+    except (ValueError, IndexError):  # a tensor of another rank than the layout's
+        raise DrpError(f"{name} holds an image projection tensor of an unexpected shape; download the file "
+                       "again.") from None
     if context != unet_cfg.context_dim:
         raise DrpError(f"{name} makes {context}-wide image tokens but the UNet's cross-attention reads "
                        f"{unet_cfg.context_dim}-wide ones; convert an adapter made for this model.")
