@@ -234,7 +234,12 @@ def convert_adapter(src, out, dtype="fp16", force=False, progress=True):
     cfg, moves = plan_adapter(source.shapes, unet_config_of(out), str(src))
     encoder = out / ENCODER[1]
     if encoder.is_file():  # the encoder already there must be able to feed this adapter
-        encoder_config(json.loads(encoder.read_text())["transformers_config"], str(encoder), cfg)
+        try:
+            transformers_config = json.loads(encoder.read_text())["transformers_config"]
+        except (ValueError, KeyError, TypeError):
+            raise DrpError(f"{encoder} was not written by this version of drp; convert the image encoder "
+                           "again with --force.") from None
+        encoder_config(transformers_config, str(encoder), cfg)
     info = {"format": FORMAT, "config": asdict(cfg),
             "source": {"file": src.name, "kind": cfg.kind, "sha256": sha256_of([src], progress), "dtype": dtype}}
     return write_component(out, ADAPTER, moves, source.read, dtype, info, progress)
