@@ -85,7 +85,10 @@ class IPAdapterConfig:
     def plus(cls, **kwargs):
         return cls(**{"kind": "plus", "num_tokens": 16, "image_dim": 1280, **kwargs})
 
-    def __post_init__(self):  # JSON gives lists; keep the config hashable
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown IP-Adapter kind {self.kind!r}")
+        # JSON gives lists; keep the config hashable
         object.__setattr__(self, "layers", tuple((name, int(width)) for name, width in self.layers))
 
 
@@ -158,8 +161,6 @@ class IPAdapter(nn.Module):
 
     def __init__(self, cfg: IPAdapterConfig = IPAdapterConfig()):
         super().__init__()
-        if cfg.kind not in KINDS:
-            raise ValueError(f"unknown IP-Adapter kind {cfg.kind!r}")
         self.cfg = cfg
         self.kind, self.num_tokens = cfg.kind, cfg.num_tokens
         self.layer_names = [name for name, _ in cfg.layers]
