@@ -268,9 +268,10 @@ def convert_encoder(src, out, dtype="fp16", force=False, progress=True):
 
 
 def convert_component(src, out, dtype="fp16", force=False, progress=True):
-    """The paths written if `src` is an IP-Adapter file or image-encoder folder, else None."""
-    if dtype not in OUT_DTYPES:
-        raise DrpError(f"unknown output dtype {dtype!r}; choose fp16 or fp32.")
+    """The paths written if `src` is an IP-Adapter file or image-encoder folder, else None.
+
+    Called by drp/convert.py `convert`, which has checked `dtype` and that `src` exists.
+    """
     kind = component_of(src)
     if kind == "ip-adapter":
         return convert_adapter(src, out, dtype, force, progress)
@@ -287,6 +288,9 @@ def download_and_convert(which, out, dtype="fp16", force=False, progress=True, b
     """
     from . import download
 
+    if which not in DOWNLOADS or dtype not in OUT_DTYPES:
+        raise DrpError(f"download {which!r} as {dtype!r} is not offered; choose {' or '.join(DOWNLOADS)} "
+                       "as fp16 or fp32.")
     out = Path(out)
     check_can_add(out, ADAPTER, force, "IP-Adapter")  # before, not after, the download
     keep = out / "h94-IP-Adapter"
