@@ -37,7 +37,6 @@ FORMAT = 1
 ADAPTER = ("ip_adapter.safetensors", "ip_adapter.json")
 ENCODER = ("image_encoder.safetensors", "image_encoder.json")
 ENCODER_FILES = ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"]
-ENCODER_IGNORED = ("vision_model.embeddings.position_ids",)  # a buffer of old transformers, arange(257)
 # What SD 1.5's IP-Adapters were trained with (h94/IP-Adapter models/image_encoder/config.json).
 VIT_H14 = {"hidden_size": 1280, "projection_dim": 1024, "num_hidden_layers": 32, "patch_size": 14}
 REPO = "https://huggingface.co/h94/IP-Adapter/resolve/main/"
@@ -59,7 +58,8 @@ def component_of(src):
             config = json.loads((src / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        return "image-encoder" if config.get("model_type") in ("clip_vision_model", "clip") else None
+        is_clip = isinstance(config, dict) and config.get("model_type") in ("clip_vision_model", "clip")
+        return "image-encoder" if is_clip else None
     if not src.is_file() or src.stat().st_size > 2**30:  # IP-Adapter files are 44-200 MB, SD files ≥ 2 GB
         return None
     keys = open_tensors(src).shapes
@@ -110,8 +110,11 @@ def adapter_config(shapes, unet_cfg, name):
             extra = dict(kind="plus", num_tokens=tokens, image_dim=shapes["image_proj.proj_in.weight"][1], dim=dim,
                          depth=depth, heads=shapes["image_proj.layers.0.0.to_q.weight"][0] // 64,
                          ff_mult=shapes["image_proj.layers.0.1.1.weight"][0] // dim)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
         raise DrpError(f"{name} lacks the IP-Adapter tensor {e}; download the file again.") from None
+    except (ValueError, IndexError):  # a tensor of another rank than the layout's
+        raise DrpError(f"{name} holds an image projection tensor of an unexpected shape; download the file "
+                       "again.") from None
     if context != unet_cfg.context_dim:
         raise DrpError(f"{name} makes {context}-wide image tokens but the UNet's cross-attention reads "
                        f"{unet_cfg.context_dim}-wide ones; convert an adapter made for this model.")
@@ -182,10 +185,10 @@ def encoder_config(config, name, adapter=None):
 
 
 def plan_encoder(shapes, cfg, name="image encoder"):
-    from .vision import VisionTransformer
+    from .vision import IGNORED, VisionTransformer
 
     targets = {k: tuple(t.shape) for k, t in build_module_on_meta(VisionTransformer, cfg).state_dict().items()}
-    return bijection(shapes, targets, lambda key: key, ENCODER_IGNORED, name)
+    return bijection(shapes, targets, lambda key: key, IGNORED, name)
 
 
 def read_adapter_config(out):
@@ -231,7 +234,12 @@ def convert_adapter(src, out, dtype="fp16", force=False, progress=True):
     cfg, moves = plan_adapter(source.shapes, unet_config_of(out), str(src))
     encoder = out / ENCODER[1]
     if encoder.is_file():  # the encoder already there must be able to feed this adapter
-        encoder_config(json.loads(encoder.read_text())["transformers_config"], str(encoder), cfg)
+        try:
+            transformers_config = json.loads(encoder.read_text())["transformers_config"]
+        except (ValueError, KeyError, TypeError):
+            raise DrpError(f"{encoder} was not written by this version of drp; convert the image encoder "
+                           "again with --force.") from None
+        encoder_config(transformers_config, str(encoder), cfg)
     info = {"format": FORMAT, "config": asdict(cfg),
             "source": {"file": src.name, "kind": cfg.kind, "sha256": sha256_of([src], progress), "dtype": dtype}}
     return write_component(out, ADAPTER, moves, source.read, dtype, info, progress)
@@ -260,9 +268,10 @@ def convert_encoder(src, out, dtype="fp16", force=False, progress=True):
 
 
 def convert_component(src, out, dtype="fp16", force=False, progress=True):
-    """The paths written if `src` is an IP-Adapter file or image-encoder folder, else None."""
-    if dtype not in OUT_DTYPES:
-        raise DrpError(f"unknown output dtype {dtype!r}; choose fp16 or fp32.")
+    """The paths written if `src` is an IP-Adapter file or image-encoder folder, else None.
+
+    Called by drp/convert.py `convert`, which has checked `dtype` and that `src` exists.
+    """
     kind = component_of(src)
     if kind == "ip-adapter":
         return convert_adapter(src, out, dtype, force, progress)
@@ -279,6 +288,9 @@ def download_and_convert(which, out, dtype="fp16", force=False, progress=True, b
     """
     from . import download
 
+    if which not in DOWNLOADS or dtype not in OUT_DTYPES:
+        raise DrpError(f"download {which!r} as {dtype!r} is not offered; choose {' or '.join(DOWNLOADS)} "
+                       "as fp16 or fp32.")
     out = Path(out)
     check_can_add(out, ADAPTER, force, "IP-Adapter")  # before, not after, the download
     keep = out / "h94-IP-Adapter"

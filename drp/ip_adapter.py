@@ -25,7 +25,6 @@ ip_adapter/attention_processor.py `IPAttnProcessor2_0`); equal to diffusers' `lo
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +85,10 @@ class IPAdapterConfig:
     def plus(cls, **kwargs):
         return cls(**{"kind": "plus", "num_tokens": 16, "image_dim": 1280, **kwargs})
 
-    def __post_init__(self):  # JSON gives lists; keep the config hashable
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown IP-Adapter kind {self.kind!r}")
+        # JSON gives lists; keep the config hashable
         object.__setattr__(self, "layers", tuple((name, int(width)) for name, width in self.layers))
 
 
@@ -159,8 +161,6 @@ class IPAdapter(nn.Module):
 
     def __init__(self, cfg: IPAdapterConfig = IPAdapterConfig()):
         super().__init__()
-        if cfg.kind not in KINDS:
-            raise ValueError(f"unknown IP-Adapter kind {cfg.kind!r}")
         self.cfg = cfg
         self.kind, self.num_tokens = cfg.kind, cfg.num_tokens
         self.layer_names = [name for name, _ in cfg.layers]
@@ -206,17 +206,16 @@ class IPAdapter(nn.Module):
         p = next(self.parameters())
         if self.kind == "base":
             return self.image_proj(torch.zeros(1, self.cfg.image_dim, device=p.device, dtype=p.dtype))
-        size = getattr(getattr(image_encoder, "cfg", None), "image_size", 224)
+        size = image_encoder.cfg.image_size
         return self.image_tokens(image_encoder, torch.zeros(1, 3, size, size))
 
 
 @dataclass
 class ImageGroup:
-    """Image tokens that share one softmax in every attn2, with their scale (and optional own keys)."""
+    """Image tokens that share one softmax in every attn2, with their scale."""
 
     tokens: torch.Tensor  # (rows, T, 768): the UNet batch's rows, unconditional rows first, then conditional
     scale: object  # a float for every layer, or {attn2 name: float} (absent layers: 0); see resolve_scale
-    key_weights: Optional[dict] = None  # {attn2 name: (width, 768)} used instead of the adapter's to_k_ip
 
     def scale_at(self, name):
         return float(self.scale.get(name, 0.0)) if isinstance(self.scale, dict) else float(self.scale)
@@ -239,11 +238,8 @@ class DecoupledCrossAttention:
     def keys_values(self, attn, g, name, dtype):
         """(K, V) of group `g` at layer `name`, heads split: (rows, h, T, d) each."""
         if (g, name) not in self._keys_values:
-            group = self.groups[g]
-            tokens = group.tokens.to(dtype)
-            w_k = self.adapter.key_weight(name) if group.key_weights is None or name not in group.key_weights \
-                else group.key_weights[name]
-            k = attn.split_heads(F.linear(tokens, w_k.to(dtype)))
+            tokens = self.groups[g].tokens.to(dtype)
+            k = attn.split_heads(F.linear(tokens, self.adapter.key_weight(name).to(dtype)))
             v = attn.split_heads(F.linear(tokens, self.adapter.value_weight(name).to(dtype)))
             self._keys_values[(g, name)] = k, v
         return self._keys_values[(g, name)]

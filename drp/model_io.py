@@ -14,6 +14,11 @@ missing or extra tensor is an error rather than a silently random layer. One ten
 stored: the text encoder's token table, read only 77 rows at a time, keeps an fp16 file's dtype
 under fp32 compute (the rows are cast after the lookup, the same numbers; 72 MiB less).
 
+IP-Adapter's two components, when drp/convert_ip_adapter.py has added them to the folder
+(`ip_adapter.safetensors` and `image_encoder.safetensors`, each with its own JSON), are loaded the same
+way by `load_ip_component`, but only when `sd.ip_adapter` or `sd.image_encoder` is first asked for:
+text-to-image never reads them.
+
 The files are read with plain reads, not through a memory map: a mapped file's pages stay resident
 until it is closed, so fp16 files loaded for fp32 compute would cost 1.5 copies of the weights at the
 peak (5.0 GB for SD 1.5 instead of 4.3). On the CPU, convolution weights are stored channels_last,
@@ -236,7 +241,8 @@ def load_ip_component(name, folder, unet, device, dtype):
     classes = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}
     cls, cfg_cls = classes[name]
     try:
-        cfg = cfg_cls(**json.loads(meta.read_text())["config"])
+        info = json.loads(meta.read_text())
+        cfg = cfg_cls(**info["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise DrpError(f"{meta} was not written by this version of drp ({e}); convert it again: "
                        f"{GET_IP_ADAPTER}.") from None
@@ -244,5 +250,5 @@ def load_ip_component(name, folder, unet, device, dtype):
         raise DrpError(f"the IP-Adapter in {folder} was made for another UNet than the one there; "
                        f"convert it again next to these weights: {GET_IP_ADAPTER}.")
     model = load_model(name, cfg, meta.with_suffix(".safetensors"), device, dtype, cls, GET_IP_ADAPTER)
-    model.source = json.loads(meta.read_text()).get("source", {})  # which file it came from, for the report
+    model.source = info.get("source", {})  # which file it came from, for the report
     return model

@@ -110,6 +110,7 @@ REFUSED = [  # (key/shape table, the sentence's telling part)
     ({k: s for k, s in adapter_shapes().items() if k.startswith("ip_adapter.")} |
      {"image_proj.proj.0.weight": (1280, 1280), "image_proj.proj.2.weight": (768, 1280),
       "image_proj.proj.3.weight": (768,)}, r"is the full-face IP-Adapter \(257 image tokens\)"),
+    (adapter_shapes(**{"image_proj.norm.weight": ()}), r"holds an image projection tensor of an unexpected shape"),
     ({k: s for k, s in adapter_shapes().items() if not k.startswith("ip_adapter.31.")},
      r"does not fit the expected model \(missing: ip_adapter.mid_block.attentions.0.transformer_blocks.0.attn2"),
 ]
