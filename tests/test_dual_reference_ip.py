@@ -254,6 +254,9 @@ def test_the_mode_is_chosen_by_the_weights_and_bad_requests_get_one_sentence(sd)
                        (dict(ip_image=content), "cannot be combined")):
         with pytest.raises(DrpError, match=match):
             run(sd, content=content, mode="ip-adapter", **(dict(subject="cat") | bad))
+    for bad in (dict(ip_layers="up_blocks.9"), dict(scale_late={"up_block.1": 1.0})):  # before any picture is read
+        with pytest.raises(DrpError, match="ip_layers names|no block with cross-attention"):
+            run(sd, content="nowhere.png", mode="ip-adapter", subject="cat", **bad)
 
 
 def test_sample_py_says_the_mode_first_records_it_and_refuses_ip_adapter_without_its_files(tmp_path):
