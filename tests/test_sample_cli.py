@@ -93,7 +93,8 @@ def test_help_lists_every_option(capsys):
                  "--tiled-decode", "--compile", "--no-download",
                  "--content", "--style", "--subject", "--content-mask", "--style-mask", "--switch-step",
                  "--report", "--cache-dir", "--no-cache", "--clear-cache", "--no-masks", "--fixed-switch",
-                 "--layers", "--style-caption"):
+                 "--layers", "--style-caption", "--mode", "--rank-energy", "--rank-rule", "--scale-early",
+                 "--scale-late", "--late", "--no-bg-prompt", "--ip-image", "--ip-scale"):
         assert flag in shown, flag
 
 
