@@ -251,6 +251,7 @@ def test_the_mode_is_chosen_by_the_weights_and_bad_requests_get_one_sentence(sd)
                        (dict(ip_layers="up_blocks.9"), "ip_layers names 'up_blocks.9'"),
                        (dict(scale_early={"up_block.1": 1.0}), "no block with cross-attention"),
                        (dict(subject="dog"), "not a word of the prompt"), (dict(switch_step=STEPS + 1), "switch_step"),
+                       (dict(switch_step=True), "switch_step"),
                        (dict(ip_image=content), "cannot be combined")):
         with pytest.raises(DrpError, match=match):
             run(sd, content=content, mode="ip-adapter", **(dict(subject="cat") | bad))
