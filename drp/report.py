@@ -119,8 +119,8 @@ def ip_adapter_lines(drp):
         return [f"mode: {drp.pop('mode')}"] if "mode" in drp else []
     get = drp.pop
     drp.pop("spectrum", None)  # drawn, not written
-    rule = get("rank_rule", None)
-    split = f"e = {get('rank_energy', None)} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
+    rule, energy = get("rank_rule", None), get("rank_energy", None)  # e means nothing to the Gavish-Donoho rule
+    split = f"e = {energy} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
     lines = [f"mode: {get('mode')}, adapter {get('adapter', None)}",
              f"split: {split}, floor eps = {get('floor', None)}, power p = {get('power', None)};   scales: early "
              f"{get('scale_early', None)}, late {get('scale_late', None)};   late group: {get('late', None)}"]

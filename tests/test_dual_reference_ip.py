@@ -229,7 +229,7 @@ def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd
     text = "\n".join(text_lines(result.info))
     assert "adapter IP-Adapter (base)" in text and "Gavish-Donoho rule" in text and "late 0.4" in text
     assert "C_bg (early-stage text): 'a sitting on the beach'" in text and "foreground rank k: d0.0 " in text
-    assert "[" not in text  # the spectra are drawn, not printed
+    assert "[" not in text and "rank_energy" not in text  # the spectra are drawn, not printed; e is the energy rule's
     picture = np.asarray(Image.open(save_report(tmp_path / "r.png", result, content, style)).convert("RGB"))
     strip = picture[SIZE + 40 : SIZE + 200]  # below the panels: the σ plots, one colour per layer
     assert (abs(strip.astype(int) - [31, 119, 180]).sum(axis=-1) < 10).sum() > 50
