@@ -213,15 +213,16 @@ def checked_settings(args):
         load_image(image, "IP-Adapter image")
     if args.ip_image:
         resolve_scale(args.ip_scale, list(attn2_layers()))  # a block SD 1.5 does not have: DrpError
-        missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
-        if missing:
-            raise DrpError(f"--ip-image needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
-                           "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
-    if args.mode == "ip-adapter" and (args.content or args.style):
-        missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
-        if missing:
-            raise DrpError(f"--mode ip-adapter needs IP-Adapter's files, and {args.weights} lacks "
-                           f"{', '.join(missing)}; add them with `python convert_weights.py --download ip-adapter`.")
+    missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
+    ip_mode = args.mode == "ip-adapter" or args.mode == "auto" and not missing  # as drp.generate will choose
+    if ip_mode and (args.content or args.style) and (args.content_mask or args.style_mask):
+        raise DrpError("the ip-adapter mode splits foreground from background spectrally and takes no masks; "
+                       "drop --content-mask/--style-mask or add --mode self-attention.")
+    needs_ip = "--ip-image" if args.ip_image else "--mode ip-adapter" if args.mode == "ip-adapter" and (
+        args.content or args.style) else None  # (without references --mode ip-adapter is plain text-to-image)
+    if needs_ip and missing:
+        raise DrpError(f"{needs_ip} needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
+                       "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")

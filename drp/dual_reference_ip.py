@@ -176,8 +176,12 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
         warnings.warn("no subject was given: the early stage keeps the full prompt; pass subject= (the word "
                       "naming it in the prompt) to take it out of the early stage's text.", stacklevel=3)
 
-    start = time.perf_counter()
     adapter, batch = sd.ip_adapter, len(prompts)
+    layers = chosen_layers(adapter, opts.ip_layers)  # bad layer or block names: refused before any work
+    scales = {stage: resolve_scale(scale, layers) for stage, scale in
+              (("early", opts.scale_early), ("late", opts.scale_late))}
+
+    start = time.perf_counter()
     images = {k: load_image(v, f"{k} reference") for k, v in (("content", content), ("style", style)) if v is not None}
     tokens, uncond = reference_tokens(sd, images)
     # each reference's tokens for the UNet rows: 'no image' for the unconditional rows, then its own
@@ -187,7 +191,6 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
         timings["references"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    layers = chosen_layers(adapter, opts.ip_layers)
     spectra = svd_keys.spectra(adapter, layers)  # computed once per adapter, then kept beside it
     splits = {n: svd_keys.split_keys(adapter.key_weight(n), spectra[n], opts.rank_energy, opts.rank_rule,
                                      opts.floor, opts.power) for n in layers}
@@ -199,8 +202,6 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     early = [Part(rows[k], fg) for k in rows]  # the foreground texture of every reference
     late = ([Part(rows["content"], fg)] if "content" in rows and (opts.late == "both" or "style" not in rows)
             else []) + ([Part(rows["style"], bar)] if "style" in rows else [])
-    scales = {stage: resolve_scale(scale, layers) for stage, scale in
-              (("early", opts.scale_early), ("late", opts.scale_late))}
     hooks = {False: StageAttention(adapter, [Group(early, scales["early"])], layers),
              True: StageAttention(adapter, [Group(late, scales["late"])], layers)}
 

@@ -84,7 +84,8 @@ def subject_tokens(sd, prompts, subject):
 
 
 def check_switch_step(switch_step, steps):
-    if switch_step is not None and not (isinstance(switch_step, int) and 0 <= switch_step <= steps):
+    if switch_step is not None and not (isinstance(switch_step, int) and not isinstance(switch_step, bool)
+                                        and 0 <= switch_step <= steps):
         raise DrpError(f"switch_step must be a whole number from 0 to {steps} (the number of steps), "
                        f"got {switch_step!r}.")
 

@@ -54,9 +54,10 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     `seed + k`. `latents` overrides the initial noise. `content`/`style`/`subject`/masks/`switch_step`
     turn on DRP-Diff; `mode` picks how: "self-attention" (ALGORITHM.md, SD alone), "ip-adapter"
     (ALGORITHM_IP_ADAPTER.md, needs the converted IP-Adapter), or "auto" = "ip-adapter" when its weights
-    are loaded. Further DRP-Diff knobs are the mode's `Options` (drp/dual_reference.py,
-    drp/dual_reference_ip.py), passed by name. `tiled_decode`: decode images larger than 512 px in
-    overlapping 512-px tiles, so that the decoder's memory does not grow with the image (VAE.decode).
+    are there (set on `sd`, or converted in its folder). Further DRP-Diff knobs are the mode's `Options`
+    (drp/dual_reference.py, drp/dual_reference_ip.py), passed by name. `tiled_decode`: decode images
+    larger than 512 px in overlapping 512-px tiles, so that the decoder's memory does not grow with the
+    image (VAE.decode).
     `ip_image`: an image prompt (a picture, a path, or a list of them) through IP-Adapter, at `ip_scale`
     (a number, or per block: {"up_blocks.1": 1.0}; see ip_adapter.resolve_scale).
     """

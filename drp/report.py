@@ -19,6 +19,7 @@ layer, a dot where its top k directions end. Panels for a reference or mask that
 out. PIL only, with its default font.
 """
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DrpError
 from .images import fit, load_image
+from .unet import UNetConfig
 
 PAD = 8  # pixels between panels and around the edges
 LINE_GAP = 4  # pixels between text lines
@@ -117,8 +119,8 @@ def ip_adapter_lines(drp):
         return [f"mode: {drp.pop('mode')}"] if "mode" in drp else []
     get = drp.pop
     drp.pop("spectrum", None)  # drawn, not written
-    rule = get("rank_rule", None)
-    split = f"e = {get('rank_energy', None)} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
+    rule, energy = get("rank_rule", None), get("rank_energy", None)  # e means nothing to the Gavish-Donoho rule
+    split = f"e = {energy} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
     lines = [f"mode: {get('mode')}, adapter {get('adapter', None)}",
              f"split: {split}, floor eps = {get('floor', None)}, power p = {get('power', None)};   scales: early "
              f"{get('scale_early', None)}, late {get('scale_late', None)};   late group: {get('late', None)}"]
@@ -134,16 +136,21 @@ PLOT_W, PLOT_H = 150, 80  # one spectrum plot, pixels inside its frame
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
-def by_grid(layers, height):
-    """{grid label: [layer names]}: the attn2 layers grouped by the token grid their queries have."""
-    blocks = [(n.split(".")[0], int(n.split(".")[1]) if not n.startswith("mid") else 0) for n in layers]
-    levels = 1 + max(i for _, i in blocks)  # up_blocks.0 has no attention, so the deepest up block names it
+def by_grid(layers, height, width):
+    """{grid label: [layer names]}: the attn2 layers grouped by the token grid their queries have.
+
+    Level i of the UNet (down_blocks.i, its mirror up_blocks.{L-1-i}, the mid block at the deepest) sees
+    the latent halved i times, rounded up as its stride-2 convolutions round. L comes from the config,
+    not from the names: with `ip_layers` only some blocks are there.
+    """
+    levels = len(UNetConfig().channels)
     groups = {}
-    for name, (kind, i) in zip(layers, blocks):
+    for name in layers:
+        kind, i = name.split(".")[0], int(name.split(".")[1]) if not name.startswith("mid") else 0
         level = i if kind == "down_blocks" else levels - 1 - i if kind == "up_blocks" else levels - 1
-        side = max(height // 8 >> level, 1)
-        groups.setdefault(f"{side}x{side}", []).append(name)
-    return dict(sorted(groups.items(), key=lambda kv: -int(kv[0].split("x")[0])))
+        rows, cols = (math.ceil(side // 8 / 2**level) for side in (height, width))
+        groups.setdefault((rows, cols), []).append(name)
+    return {f"{r}x{c}": names for (r, c), names in sorted(groups.items(), reverse=True)}
 
 
 def spectrum_strip(info, font, printable):
@@ -152,7 +159,7 @@ def spectrum_strip(info, font, printable):
     spectra, rank = drp.get("spectrum") or {}, drp.get("rank") or {}
     if not spectra:
         return None
-    groups = by_grid(list(spectra), info.get("height", 512))
+    groups = by_grid(list(spectra), info.get("height", 512), info.get("width", 512))
     line_h = font.getbbox("Ag")[3] + LINE_GAP
     cell_w, top = PLOT_W + 2 * PAD, 2 * line_h
     strip = Image.new("RGB", (len(groups) * cell_w + PAD, top + PLOT_H + line_h + PAD), BACKGROUND)

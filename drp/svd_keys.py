@@ -107,16 +107,21 @@ def style_matrix(spec, floor=0.05, power=2):
     return (spec.U * style_weights(spec.S, floor, power)) @ spec.Vh
 
 
+def is_number(value):
+    """A real number, not True/False (which Python counts as 1 and 0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_split_options(rank_energy, rank_rule, floor, power):
     """One sentence for the first bad knob of the split."""
     if rank_rule not in RANK_RULES:
         raise DrpError(f"rank_rule must be \"energy\" or \"gd\" (Gavish–Donoho), got {rank_rule!r}.")
-    if not isinstance(rank_energy, (int, float)) or not 0 < rank_energy <= 1:
+    if not is_number(rank_energy) or not 0 < rank_energy <= 1:
         raise DrpError(f"rank_energy must be a number in (0, 1] (the share of Σσ² kept; 0.5 is the default), "
                        f"got {rank_energy!r}.")
-    if not isinstance(floor, (int, float)) or not 0 < floor <= 1:
+    if not is_number(floor) or not 0 < floor <= 1:
         raise DrpError(f"floor must be a number in (0, 1] (0.05 bounds the tilt to 20×), got {floor!r}.")
-    if not isinstance(power, (int, float)) or not 0 <= power <= 4:
+    if not is_number(power) or not 0 <= power <= 4:
         raise DrpError(f"power must be a number from 0 to 4 (2 is the 1/σ re-weighting, 0 keeps W), got {power!r}.")
 
 

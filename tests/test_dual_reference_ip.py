@@ -229,7 +229,7 @@ def test_the_report_names_the_adapter_the_knobs_each_layers_rank_and_spectrum(sd
     text = "\n".join(text_lines(result.info))
     assert "adapter IP-Adapter (base)" in text and "Gavish-Donoho rule" in text and "late 0.4" in text
     assert "C_bg (early-stage text): 'a sitting on the beach'" in text and "foreground rank k: d0.0 " in text
-    assert "[" not in text  # the spectra are drawn, not printed
+    assert "[" not in text and "rank_energy" not in text  # the spectra are drawn, not printed; e is the energy rule's
     picture = np.asarray(Image.open(save_report(tmp_path / "r.png", result, content, style)).convert("RGB"))
     strip = picture[SIZE + 40 : SIZE + 200]  # below the panels: the σ plots, one colour per layer
     assert (abs(strip.astype(int) - [31, 119, 180]).sum(axis=-1) < 10).sum() > 50
@@ -251,9 +251,13 @@ def test_the_mode_is_chosen_by_the_weights_and_bad_requests_get_one_sentence(sd)
                        (dict(ip_layers="up_blocks.9"), "ip_layers names 'up_blocks.9'"),
                        (dict(scale_early={"up_block.1": 1.0}), "no block with cross-attention"),
                        (dict(subject="dog"), "not a word of the prompt"), (dict(switch_step=STEPS + 1), "switch_step"),
+                       (dict(switch_step=True), "switch_step"),
                        (dict(ip_image=content), "cannot be combined")):
         with pytest.raises(DrpError, match=match):
             run(sd, content=content, mode="ip-adapter", **(dict(subject="cat") | bad))
+    for bad in (dict(ip_layers="up_blocks.9"), dict(scale_late={"up_block.1": 1.0})):  # before any picture is read
+        with pytest.raises(DrpError, match="ip_layers names|no block with cross-attention"):
+            run(sd, content="nowhere.png", mode="ip-adapter", subject="cat", **bad)
 
 
 def test_sample_py_says_the_mode_first_records_it_and_refuses_ip_adapter_without_its_files(tmp_path):

@@ -109,3 +109,17 @@ def test_the_generated_coverage_of_each_image_and_an_infinite_rho_are_written_ou
     drp = dict(DRP, rho=float("inf"), coverage={"content": 0.25, "generated": [0.5, 0.125]})
     text = "\n".join(text_lines(fake_result(drp=drp).info))
     assert "rho = H_cu/H_st = inf" in text and "generated 50.0 %, 12.5 %" in text
+
+
+def test_the_spectrum_plots_group_the_layers_by_their_token_grid_even_for_some_blocks_only():
+    from drp.ip_adapter import attn2_layers
+    from drp.report import by_grid
+
+    layers = list(attn2_layers())  # SD 1.5's 16 attn2 layers
+    grids = {grid: sorted({n.split(".attentions")[0] for n in names})
+             for grid, names in by_grid(layers, 512, 512).items()}
+    assert grids == {"64x64": ["down_blocks.0", "up_blocks.3"], "32x32": ["down_blocks.1", "up_blocks.2"],
+                     "16x16": ["down_blocks.2", "up_blocks.1"], "8x8": ["mid_block"]}
+    some = [n for n in layers if n.startswith(("up_blocks.1.", "mid_block."))]  # ip_layers="up_blocks.1,mid_block"
+    assert list(by_grid(some, 512, 512)) == ["16x16", "8x8"]
+    assert list(by_grid(some, 512, 776)) == ["16x25", "8x13"]  # the latent 64x97 halved, rounded up as the UNet does

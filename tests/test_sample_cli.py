@@ -93,7 +93,8 @@ def test_help_lists_every_option(capsys):
                  "--tiled-decode", "--compile", "--no-download",
                  "--content", "--style", "--subject", "--content-mask", "--style-mask", "--switch-step",
                  "--report", "--cache-dir", "--no-cache", "--clear-cache", "--no-masks", "--fixed-switch",
-                 "--layers", "--style-caption"):
+                 "--layers", "--style-caption", "--mode", "--rank-energy", "--rank-rule", "--scale-early",
+                 "--scale-late", "--late", "--no-bg-prompt", "--ip-image", "--ip-scale"):
         assert flag in shown, flag
 
 
@@ -137,6 +138,9 @@ BAD_INPUTS = [  # (arguments, the start of the error sentence); {tmp} is the tes
     (["--content-mask", "{tmp}/empty.png"], "the content mask {tmp}/empty.png could not be read as an image"),
     (["--no-masks", "--style-mask", "{tmp}/empty.png"], "--no-masks gives every reference token to every query, "
                                                         "so it cannot take --content-mask or --style-mask"),
+    (["--mode", "ip-adapter", "--content", str(ROOT / "assets/chelsea.png"), "--content-mask",
+      str(ROOT / "assets/chelsea.png")], "the ip-adapter mode splits foreground from background spectrally and "
+                                         "takes no masks"),
     (["--report", "{tmp}/report.txt"], "the report is a PNG picture"),
     (["--report", "{tmp}/missing/r.png"], "the report folder {tmp}/missing does not exist"),
     (["--weights", "{tmp}/no-weights", "--no-download"], "{tmp}/no-weights holds no complete set of converted weights"),

@@ -112,7 +112,7 @@ def test_power_zero_gives_the_weight_and_power_one_the_polar_factor():
 
 def test_bad_split_options_are_refused_with_one_sentence():
     for bad in (dict(rank_energy=0), dict(rank_energy=1.5), dict(rank_rule="median"), dict(floor=0),
-                dict(power=-1)):
+                dict(power=-1), dict(rank_energy=True), dict(power=False)):
         kw = dict(rank_energy=0.5, rank_rule="energy", floor=0.05, power=2) | bad
         with pytest.raises(DrpError, match=next(iter(bad))):
             svd_keys.check_split_options(**kw)
