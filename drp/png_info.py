@@ -19,12 +19,11 @@ the same bytes.
 """
 
 import json
-import os
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import DrpError
+from .files import write_atomically
 
 # DRP-Diff's report keys (`result.info["drp"]`) shown in the parameters line, in this order.
 DRP_FIELDS = (
@@ -98,13 +97,4 @@ def save_png(img, path, text):
     path = Path(path)
     meta = PngInfo()
     meta.add_text("parameters", text)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    try:
-        img.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DrpError(f"cannot write {path} ({e}); choose another folder.") from None
-    except BaseException:  # Ctrl-C while writing: no half-written file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta), "choose another folder.")

@@ -20,14 +20,13 @@ out. PIL only, with its default font.
 """
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DrpError
+from .files import write_atomically
 from .images import fit, load_image
 from .unet import UNetConfig
 
@@ -232,14 +231,4 @@ def save_report(path, result, content=None, style=None):
     for j, piece in enumerate(lines):
         draw.text((PAD, text_top + j * line_h), piece, fill=INK, font=font)
 
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise DrpError(f"cannot write the report {path} ({e}); choose a writable folder.") from None
-    return path
+    return write_atomically(path, lambda tmp: canvas.save(tmp, format="PNG"), "choose a writable folder.")

@@ -9,12 +9,12 @@ picture a researcher looks at first.
 
 import json
 import math
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
 from ..errors import DrpError
+from ..files import write_atomically
 from ..images import load_image
 from . import data as bench_data
 from .run import make_folder, write_text
@@ -111,15 +111,8 @@ def contact_sheet(run, path=None):
                 sheet.paste(thumbnail(picture), (col * THUMB, y + label))
         for col, item in enumerate(members[:SHEET_IMAGES]):
             sheet.paste(thumbnail(run / item["file"]), ((refs + col) * THUMB + 8, y + label))
-    path = Path(path or run / "contact_sheet.png")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DrpError(f"cannot write {path} ({e.strerror or e}); make {run} writable.") from None
-    return path
+    return write_atomically(path or run / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"),
+                            f"make {run} writable.")
 
 
 def report(runs, out=None):

@@ -20,7 +20,6 @@ image exactly once. The benchmarks (docs/EVALUATION.md):
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DrpError
+from ..files import write_atomically
 from ..png_info import parameters_text, save_png
 from . import data as bench_data
 from . import ranks as R
@@ -127,13 +127,7 @@ def write_text(path, text):
     path = Path(path)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DrpError(f"cannot write {path} ({e.strerror or e}); choose a writable folder.") from None
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "choose a writable folder.")
 
 
 def make_folder(folder):
