@@ -298,12 +298,13 @@ def image_prompt(sd, images, scale, rows):
     """
     from .vision import clip_pixels
 
-    adapter, encoder = sd.ip_adapter, sd.image_encoder
-    if adapter is None or encoder is None:
-        missing = " and ".join(n for n, m in (("IP-Adapter", adapter), ("image encoder", encoder)) if m is None)
+    missing = " and ".join(what for name, what in (("ip_adapter", "IP-Adapter"), ("image_encoder", "image encoder"))
+                           if not sd.has(name))  # asked before reading either: the encoder alone is 2.5 GB
+    if missing:
         raise DrpError(f"an image prompt needs IP-Adapter's files, and the {missing} is not converted in "
-                       f"{getattr(sd, 'folder', None) or 'the weights folder'}; add them with "
+                       f"{sd.folder or 'the weights folder'}; add them with "
                        "`python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    adapter, encoder = sd.ip_adapter, sd.image_encoder
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise DrpError("ip_image is an empty list; give a picture, a path, or a list of them.")

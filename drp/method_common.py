@@ -25,14 +25,8 @@ MODES = ("auto", "self-attention", "ip-adapter")
 
 def has_ip_adapter(sd):
     """Whether the IP-Adapter and its image encoder are there, without reading them (`drp.load` reads
-    them on first use): set on `sd`, or converted into its folder (`<name>.json` beside the weights)."""
-    def present(name):
-        components, folder = getattr(sd, "components", {}), getattr(sd, "folder", None)
-        if name in components:
-            return components[name] is not None
-        return folder is not None and (Path(folder) / f"{name}.json").is_file()
-
-    return present("ip_adapter") and present("image_encoder")
+    them on first use): set on `sd`, or converted into its folder (StableDiffusion.has)."""
+    return sd.has("ip_adapter") and sd.has("image_encoder")
 
 
 def resolve_mode(sd, mode="auto", references=True):

@@ -93,6 +93,12 @@ class StableDiffusion:
     def ip_adapter(self, model):
         self.components["ip_adapter"] = model
 
+    def has(self, name):
+        """Whether the optional component `name` is set or converted into the folder, without reading it."""
+        if name in self.components:
+            return self.components[name] is not None
+        return ip_component_converted(self.folder, name)
+
     def component(self, name):
         if name not in self.components:
             self.components[name] = load_ip_component(name, self.folder, self.unet, self.device, self.dtype)
@@ -230,14 +236,19 @@ def load(path="weights", device=None, dtype=None):
 GET_IP_ADAPTER = "get them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus)"
 
 
+def ip_component_converted(folder, name):
+    """Whether IP-Adapter's `name` ("ip_adapter" or "image_encoder") was converted into `folder`: its `<name>.json`."""
+    return folder is not None and (Path(folder) / f"{name}.json").is_file()
+
+
 def load_ip_component(name, folder, unet, device, dtype):
     """IP-Adapter's `ip_adapter` or `image_encoder` from `folder`, or None when it was not converted there."""
     from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
     from .vision import VisionConfig, VisionTransformer
 
-    meta = None if folder is None else Path(folder) / f"{name}.json"
-    if meta is None or not meta.is_file():
+    if not ip_component_converted(folder, name):
         return None
+    meta = Path(folder) / f"{name}.json"
     classes = {"ip_adapter": (IPAdapter, IPAdapterConfig), "image_encoder": (VisionTransformer, VisionConfig)}
     cls, cfg_cls = classes[name]
     try:

@@ -142,6 +142,15 @@ def test_an_image_prompt_without_converted_files_names_the_download_command(worl
     assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
 
 
+def test_an_image_prompt_names_the_missing_component_before_reading_the_other(world, tmp_path):
+    folder = shutil.copytree(world[2], tmp_path / "weights")
+    convert(world[1] / f"{FILES['base']}.safetensors", folder, dtype="fp32", progress=False)  # no encoder
+    sd = drp.load(folder)
+    with pytest.raises(DrpError, match=r"the image encoder is not converted in .*--download ip-adapter"):
+        ours(sd, ip_image=world[3][0])
+    assert "ip_adapter" not in sd.components  # the adapter was not read just to say the encoder is missing
+    assert sd.has("ip_adapter") and not sd.has("image_encoder")
+
 def test_an_image_prompt_with_content_or_style_references_is_refused_in_one_sentence(world):
     sd = drp.load(world[2])
     with pytest.raises(DrpError, match="cannot be combined with DRP-Diff's content/style references"):

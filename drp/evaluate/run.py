@@ -190,7 +190,7 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
     import drp  # the models, only once the settings are known to be good
     from ..devices import DTYPES, resolve_dtype
     from ..method_common import resolve_mode
-    from ..model_io import read_model_json
+    from ..model_io import ip_component_converted, read_model_json
 
     out = Path(out)
     items, style_dir = build_items(cfg["bench"], cfg["data"], cfg["style_dir"], cfg["subjects"], cfg["prompts"],
@@ -204,7 +204,8 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
         cfg.update(model=source.get("sha256"), model_file=source.get("file", "unknown"),
                    model_dtype=source.get("dtype"))  # the checkpoint's sha256, and the dtype it was converted to
         if cfg["mode"] != "plain":  # "auto" -> the mode it means with these weights, read without loading them
-            cfg["mode"] = resolve_mode(SimpleNamespace(folder=Path(weights), components={}), cfg["mode"])
+            converted = SimpleNamespace(has=lambda name: ip_component_converted(weights, name))  # no model read
+            cfg["mode"] = resolve_mode(converted, cfg["mode"])
         if cfg["mode"] == "ip-adapter":  # which adapter and image encoder: their converted descriptions
             described = "".join((Path(weights) / f).read_text() for f in ("ip_adapter.json", "image_encoder.json"))
             cfg["ip_adapter"] = hashlib.sha256(described.encode()).hexdigest()
