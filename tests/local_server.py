@@ -2,9 +2,18 @@
 
 import threading
 from contextlib import contextmanager
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TIMEOUT_S = 5  # every socket in the download tests gives up after this long
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler whose sockets give up after TIMEOUT_S and that logs nothing to the test output."""
+
+    timeout = TIMEOUT_S
+
+    def log_message(self, *args):
+        pass
 
 
 @contextmanager

@@ -9,13 +9,12 @@ import hashlib
 import random
 import socket
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from drp.download import DEFAULT_URL, download, sha256_from_etag, weights_url
 from drp.errors import DrpError
-from local_server import TIMEOUT_S, serving
+from local_server import TIMEOUT_S, QuietHandler, serving
 
 DATA = random.Random(0).randbytes(300_000)  # the fake checkpoint
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -39,12 +38,7 @@ class Host:
 
 
 def make_handler(host):
-    class Handler(BaseHTTPRequestHandler):
-        timeout = TIMEOUT_S
-
-        def log_message(self, *args):
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self):
             host.requests.append((self.path, self.headers.get("Range")))
             if self.path == "/resolve/file":

@@ -8,7 +8,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from drp.errors import DrpError
 from drp.evaluate.__main__ import main
 from drp.evaluate.fetch import RAW_ENV, TREE_ENV, download_dreambench
-from local_server import TIMEOUT_S, serving
+from local_server import TIMEOUT_S, QuietHandler, serving
 
 SAMPLE = Path(__file__).parent / "data" / "dreambench"
 CUT = 1000  # bytes sent before an interrupted response closes the connection
@@ -56,12 +55,7 @@ class GitHub:
 
 
 def make_handler(host):
-    class Handler(BaseHTTPRequestHandler):
-        timeout = TIMEOUT_S
-
-        def log_message(self, *args):
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self):
             host.requests.append((self.path, self.headers.get("Range")))
             if self.path == "/tree":

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from PIL import Image
 
 import drp.download
 from checkpoints import tiny_checkpoint
-from local_server import TIMEOUT_S, serving
+from local_server import QuietHandler, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "v1-5-pruned-emaonly.safetensors"
@@ -40,12 +39,7 @@ class Served:
 def host(tmp_path_factory):
     served = Served(tiny_checkpoint(tmp_path_factory.mktemp("host") / NAME).read_bytes())
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = TIMEOUT_S
-
-        def log_message(self, *args):
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self):
             served.requests.append(self.path)
             if self.path != f"/{NAME}":
