@@ -10,9 +10,17 @@ from drp.attention import AttnCall, attend
 from drp.masks import resize_mask
 from references import FG, HW, fake_method, qkv
 
-TOL = 1e-6  # the same float32 operations in another order
+# relative to the largest magnitude of the expected output: the same float32 attention (sums over a few
+# dozen tokens, AdaIN's means and deviations) gathered or batched another way, which may sum in another order
+TOL = 1e-5
+EPS_TOL = 1e-4  # AdaIN of 2·x equals AdaIN of x only up to the 1e-5 added to the variance (2.8e-6 here)
 SELF = "up_blocks.2.attentions.0.transformer_blocks.0.attn1"  # an injected self-attention (default layers)
 CROSS = "down_blocks.2.attentions.0.transformer_blocks.0.attn2"  # a cross-attention that makes M_gen
+
+
+def close(got, want, tol=TOL):
+    """The largest difference is within `tol` of the largest magnitude of `want`."""
+    return (got - want).abs().max() <= tol * want.abs().max()
 
 
 def test_adain_gives_each_head_and_channel_the_mean_and_deviation_of_the_reference():
@@ -23,10 +31,9 @@ def test_adain_gives_each_head_and_channel_the_mean_and_deviation_of_the_referen
     expected = torch.tensor([[(v - 2) / math.sqrt(2 / 3 + eps) * math.sqrt(4 + eps) + 2,
                               (w - 11) / math.sqrt(2 + eps) * math.sqrt(0 + eps) + 5]
                              for v, w in ((1, 10), (2, 10), (3, 13))])
-    assert torch.allclose(dr.adain(x, ref)[0, 0], expected, atol=TOL)
+    assert close(dr.adain(x, ref)[0, 0], expected)
     two_heads = torch.cat([x, 2 * x], dim=1)  # each head on its own: the second head's x is twice the first's
-    assert torch.allclose(dr.adain(two_heads, torch.cat([ref, ref], dim=1)), torch.cat([dr.adain(x, ref)] * 2, 1),
-                          atol=1e-4)
+    assert close(dr.adain(two_heads, torch.cat([ref, ref], dim=1)), torch.cat([dr.adain(x, ref)] * 2, 1), EPS_TOL)
 
 
 def late_style_only(method, hw, seed=0):
@@ -50,12 +57,12 @@ def test_adain_takes_every_style_token_when_the_background_has_fewer_than_sixtee
     mask = torch.ones(8, 8)
     mask[:2, :2] = 0  # at the 4×4 grid: one background token, the first
     got, inputs = late_style_only(fake_method(("style",), {"style": mask}), HW)
-    assert torch.allclose(got, expected_late(inputs, bg=[0], stats=list(range(16))), atol=TOL)
-    assert not torch.allclose(got, expected_late(inputs, bg=[0], stats=[0]), atol=1e-3)
+    assert close(got, expected_late(inputs, bg=[0], stats=list(range(16))))
+    assert not close(got, expected_late(inputs, bg=[0], stats=[0]), 1e-3)
     # with enough background tokens (48 of 64 at 8×8), the statistics are the background's alone
     got, inputs = late_style_only(fake_method(("style",), {"style": FG}), (8, 8))
     bg = (resize_mask(FG, (8, 8)).flatten() < 0.5).nonzero().flatten().tolist()
-    assert len(bg) == 48 and torch.allclose(got, expected_late(inputs, bg=bg, stats=bg), atol=TOL)
+    assert len(bg) == 48 and close(got, expected_late(inputs, bg=bg, stats=bg))
 
 
 def test_an_automatic_style_mask_with_no_background_lends_the_whole_style_reference_with_a_warning():
@@ -66,7 +73,7 @@ def test_an_automatic_style_mask_with_no_background_lends_the_whole_style_refere
     assert method.report()["mask_rule"]["style"] == "whole image (no background found)"
     ablation, _ = late_style_only(fake_method(("style",), everything, use_masks=False), HW)
     assert torch.equal(got, ablation)  # the same as giving every style token (the no-masks ablation)
-    assert torch.allclose(got, expected_late(inputs, bg=list(range(16)), stats=list(range(16))), atol=TOL)
+    assert close(got, expected_late(inputs, bg=list(range(16)), stats=list(range(16))))
     user = fake_method(("style",), everything, rule=dr.USER_MASK)  # a user's all-white mask is taken as given
     assert len(user.tokens("style", "bg", HW)) == 0 and user.report()["mask_rule"]["style"] == dr.USER_MASK
 
@@ -88,10 +95,10 @@ def test_the_unconditional_row_sees_the_references_only_when_shared(share_uncond
     out = dr.StepHook(method, 0, late=False)(None, q, k, v, AttnCall(SELF, False, HW))
     plain = attend(q[:1], k[:1], v[:1])
     injected = dr.StepHook(method, 0, late=False).inject(q[:2], k[:2], v[:2], k[2:], v[2:], q[2:], HW)
-    assert torch.allclose(out[1:2], injected[1:2], atol=TOL)  # the conditional row always sees them
+    assert close(out[1:2], injected[1:2])  # the conditional row always sees them
     assert torch.equal(out[2:], attend(q[2:], k[2:], v[2:]))  # the references attend to themselves
     if share_uncond:
-        assert torch.allclose(out[:1], injected[:1], atol=TOL) and not torch.allclose(out[:1], plain, atol=1e-3)
+        assert close(out[:1], injected[:1]) and not close(out[:1], plain, 1e-3)
     else:
         assert torch.equal(out[:1], plain)
 

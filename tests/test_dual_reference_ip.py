@@ -27,7 +27,11 @@ from ip_checkpoints import ENCODER, FILES, adapter_config, reference_encoder, wr
 from tiny import reference_tokenizer, tiny_sd
 
 PIXEL_TOL = 2.5 / 255  # the issue's bound for whole-pipeline parity, in [0, 1] pixels
-KEY_TOL = 1e-5  # float32 keys of unit-scale tokens through a reconstructed (W_fg) matrix
+# relative to the largest unmoved key (or attention weight): float32 sums of 128 products of tokens moved 5×
+# along 48 directions, through a reconstructed W_fg. 2.7e-6 measured on an AMD EPYC (AVX-512 and AVX2
+# kernels), 3.8e-6 on an Intel Xeon; a background direction that reaches the keys (as W̄'s do in the late
+# stage) moves them by several times their size.
+KEY_TOL = 1e-4
 PROMPT = "a cat sitting on the beach"
 SIZE, STEPS = 64, 2
 
@@ -44,6 +48,11 @@ def sd():
     sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
     sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
     return sd
+
+
+def relative_error(got, want):
+    """The largest difference, relative to the largest magnitude of `want`."""
+    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def noise():
@@ -114,8 +123,14 @@ def test_no_reference_is_plain_text_to_image_bit_for_bit_and_a_run_leaves_nothin
 
 
 def plain_loop(sd, texts, switch_step):
-    """Text-to-image written out with no hook: the conditional text `texts[0]` before `switch_step`, then `texts[1]`."""
-    contexts = [encode_text(sd, ["", t]) for t in texts]
+    """Text-to-image written out with no hook: the conditional text `texts[0]` before `switch_step`, then `texts[1]`.
+
+    The texts are encoded in the batches the pipeline uses (the negative prompt with the prompt, C_bg on
+    its own), so that the text encoder runs the same sums: a batch of another size may sum in another
+    order on some CPUs, and the comparison with the pipeline is exact."""
+    negative_and_prompt = encode_text(sd, ["", PROMPT])
+    contexts = [negative_and_prompt if t == PROMPT else torch.cat([negative_and_prompt[:1], encode_text(sd, [t])])
+                for t in texts]
     alphas, x = ddim.alphas_cumprod(), noise()
     for i, (t, t_prev) in enumerate(ddim.ddim_pairs(STEPS)):
         with torch.no_grad():
@@ -167,8 +182,8 @@ def test_background_components_of_the_reference_tokens_do_not_reach_the_early_st
     saved = [p.tokens for p in early.groups[0].parts]
     probs, keys = weights_and_keys(early, spec.Vh[:0])  # unmoved
     moved_probs, moved_keys = weights_and_keys(early, 5 * spec.Vh[k:])  # the background directions only
-    torch.testing.assert_close(moved_keys, keys, rtol=0, atol=KEY_TOL)
-    torch.testing.assert_close(moved_probs, probs, rtol=0, atol=KEY_TOL)
+    assert relative_error(moved_keys, keys) <= KEY_TOL
+    assert relative_error(moved_probs, probs) <= KEY_TOL
     for part, tokens in zip(early.groups[0].parts, saved):
         part.tokens = tokens
     fg_probs, _ = weights_and_keys(early, 5 * spec.Vh[:k])  # the foreground directions do count

@@ -27,6 +27,9 @@ from ip_checkpoints import FILES, reference_encoder, write_h94_folder
 from tiny import reference_tokenizer
 
 PIXEL_TOL = 2.5 / 255  # the bound for whole-pipeline parity, in [0, 1] pixels
+# relative to the largest magnitude of the expected output: the hook's keys through F.linear against the
+# test's `tokens @ W.T`, another kernel that may sum the 128 products in another order
+HOOK_TOL = 1e-5
 PROMPT = "a red fox sitting in the snow, oil painting"
 SIZE, STEPS = 64, 4
 
@@ -209,9 +212,10 @@ def test_several_pictures_share_one_softmax_and_separate_groups_do_not(world, tm
 
     joint = DecoupledCrossAttention(adapter, [ImageGroup(torch.cat([a, b], 1), 0.5)])(attn, q, k, v, call)
     expected = attend(q, k, v) + 0.5 * term(torch.cat([a, b], 1))
-    assert torch.allclose(joint, expected, atol=1e-6)
+    assert (joint - expected).abs().max() <= HOOK_TOL * expected.abs().max()
     separate = DecoupledCrossAttention(adapter, [ImageGroup(a, 0.5), ImageGroup(b, 0.5)])(attn, q, k, v, call)
-    assert torch.allclose(separate, attend(q, k, v) + 0.5 * term(a) + 0.5 * term(b), atol=1e-6)
+    expected = attend(q, k, v) + 0.5 * term(a) + 0.5 * term(b)
+    assert (separate - expected).abs().max() <= HOOK_TOL * expected.abs().max()
     assert (separate - joint).abs().max() > 1e-3  # two softmaxes are not one
 
 

@@ -8,7 +8,9 @@ import torch
 from drp import svd_keys
 from drp.errors import DrpError
 
-ATOL = 1e-5  # float32 SVD reconstruction of a matrix with entries ≈ 0.05
+# relative to the largest magnitude of the expected matrix: float32 SVD factors multiplied back, sums of up to
+# 192 products (1.9e-6 measured on an AMD EPYC, AVX-512 and AVX2 kernels, 1 and 2 threads)
+SVD_TOL = 5e-5
 # the properties do not depend on the size; small matrices keep the SVDs quick (one (1280, 768) takes ~1 s
 # on two busy cores). Both aspect ratios of SD 1.5's attn2 layers: d < 768 (320, 640) and d > 768 (1280).
 SHAPES = [(80, 192), (320, 192)]
@@ -16,6 +18,10 @@ SHAPES = [(80, 192), (320, 192)]
 
 def weight(shape=(80, 192), seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def assert_near(got, want):
+    assert (got - want).abs().max() <= SVD_TOL * want.abs().max()
 
 
 def with_spectrum(sigma, seed=0, shape=(64, 96)):
@@ -32,7 +38,7 @@ def test_the_foreground_and_the_rest_add_up_to_the_weight(shape):
     spec = svd_keys.spectrum(w)
     split = svd_keys.split_keys(w, spec=spec)
     background = (spec.U[:, split.k:] * spec.S[split.k:]) @ spec.Vh[split.k:]  # the directions left out
-    torch.testing.assert_close(split.fg + background, w, rtol=0, atol=ATOL)
+    assert_near(split.fg + background, w)
     assert torch.linalg.norm(background) > 0.5 * torch.linalg.norm(split.fg)  # a real split, not W and 0
 
 
@@ -69,7 +75,7 @@ def test_the_style_matrix_has_the_weights_singular_vectors_and_norm():
     # Uᵀ W̄ V is diagonal, with the weights w_i of the 1/σ re-weighting on its diagonal
     inner = spec.U.T @ style @ spec.Vh.T
     w_i = svd_keys.style_weights(spec.S)
-    torch.testing.assert_close(inner, torch.diag(w_i), rtol=0, atol=ATOL)
+    assert_near(inner, torch.diag(w_i))
     assert torch.all(w_i[1:] >= w_i[:-1])  # p = 2 reverses the order: small σ, large weight
 
 
@@ -79,10 +85,10 @@ def test_flipping_the_sign_of_a_singular_vector_pair_changes_nothing():
     flip = torch.ones(len(spec.S))
     flip[[0, 3, 50]] = -1
     flipped = svd_keys.Spectrum(spec.U * flip, spec.S, spec.Vh * flip[:, None])
-    torch.testing.assert_close(flipped.U * flipped.S @ flipped.Vh, w, rtol=0, atol=ATOL)  # still W's SVD
+    assert_near(flipped.U * flipped.S @ flipped.Vh, w)  # still W's SVD
     k = svd_keys.split_rank(spec.S, tuple(w.shape))
-    torch.testing.assert_close(svd_keys.foreground_matrix(flipped, k), svd_keys.foreground_matrix(spec, k))
-    torch.testing.assert_close(svd_keys.style_matrix(flipped), svd_keys.style_matrix(spec))
+    assert_near(svd_keys.foreground_matrix(flipped, k), svd_keys.foreground_matrix(spec, k))
+    assert_near(svd_keys.style_matrix(flipped), svd_keys.style_matrix(spec))
     assert not torch.allclose(flipped.U, spec.U)  # the factors did change
 
 
@@ -102,12 +108,12 @@ def test_power_zero_gives_the_weight_and_power_one_the_polar_factor():
     w = weight()
     spec = svd_keys.spectrum(w)
     assert svd_keys.split_keys(w, spec=spec, power=0).style is w
-    torch.testing.assert_close(svd_keys.style_matrix(spec, power=0), w, rtol=0, atol=ATOL)
+    assert_near(svd_keys.style_matrix(spec, power=0), w)
     polar = spec.U @ spec.Vh
     style = svd_keys.style_matrix(spec, power=1)  # the floor does not bite: σ_min/σ_max ≈ 0.2 here
     assert spec.S[-1] > 0.05 * spec.S[0]
     scale = torch.linalg.norm(w) / torch.linalg.norm(polar)
-    torch.testing.assert_close(style, scale * polar, rtol=0, atol=ATOL)
+    assert_near(style, scale * polar)
 
 
 def test_bad_split_options_are_refused_with_one_sentence():

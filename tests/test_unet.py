@@ -14,6 +14,7 @@ from drp.unet import UNet, UNetConfig
 from manifests import diffusers_manifest
 
 TOL = 1e-4  # relative to the reference's largest magnitude, fp32
+COMPILE_TOL = 1e-5  # relative: the compiled graph against eager, the same float32 kernels regrouped
 
 
 def reference_unet(cfg):
@@ -153,7 +154,7 @@ def test_under_torch_compile_hooks_run_as_written_and_new_hooks_compile_nothing_
             hook = Scale(factor)
             got = compiled(x, 500, context, hook=hook)
             assert hook.calls == 32  # the hook ran, every attention, in Python: its counter moved
-            assert (got - ours(x, 500, context, hook=Scale(factor))).abs().max() <= 1e-5 * got.abs().max()
+            assert (got - ours(x, 500, context, hook=Scale(factor))).abs().max() <= COMPILE_TOL * got.abs().max()
             if step == 0:
                 after_first = len(graphs)
     assert after_first > 0 and len(graphs) == after_first  # the new hooks' factors were not compiled in
