@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drp import bench, bench_tasks
+from drp.bench import run as bench, tasks as bench_tasks
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig

@@ -43,12 +43,12 @@ from pathlib import Path
 
 import torch
 
-from .bench_tasks import STEPS, cold_start_possible, write_random_folders
-from .clip import CLIPConfig
-from .errors import DrpError
-from .model_io import MODELS, build_on_meta
-from .unet import UNetConfig
-from .vae import VAEConfig
+from .tasks import STEPS, cold_start_possible, write_random_folders
+from ..clip import CLIPConfig
+from ..errors import DrpError
+from ..model_io import MODELS, build_on_meta
+from ..unet import UNetConfig
+from ..vae import VAEConfig
 
 TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter", "drp-ip",
          "drp-ip-first"]
@@ -61,9 +61,9 @@ def run_child(task, spec, workdir, **extra):
     """Runs one task in a fresh Python process; its result dict (DrpError if it failed)."""
     out = Path(workdir) / f"result-{task}-{extra.get('impl', '')}.json"
     spec = dict(spec, task=task, out=str(out), **extra)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "drp.bench_tasks", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "drp.bench.tasks", json.dumps(spec)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
@@ -196,11 +196,11 @@ def measure(args, spec, workdir, configs, say):
             rows.append(row(f"{'cold ' if cold else ''}load fp16 files for {ref_dtype} compute", ours, ref,
                             note="files dropped from the page cache first" if cold else "warm page cache", **peaks))
     if "ip-adapter" in tasks:
-        from . import bench_ip_adapter
+        from . import ip_adapter
 
-        rows += bench_ip_adapter.measure(spec, child, ours_then_reference, row, args.repeats)
+        rows += ip_adapter.measure(spec, child, ours_then_reference, row, args.repeats)
     if "drp-ip" in tasks or "drp-ip-first" in tasks:
-        from .bench_drp_ip import rows as drp_ip_rows
+        from .drp_ip import rows as drp_ip_rows
 
         step = child("drp-ip") if "drp-ip" in tasks else None
         first = child("drp-ip-first") if "drp-ip-first" in tasks else None
@@ -346,7 +346,7 @@ def parse_args(argv):
 
 def check_dtype_is_fast(args):
     """Refuses a half dtype the machine only emulates: a full-size run would take hours, not minutes."""
-    from .devices import DTYPES, cpu_has_fast_bf16, resolve_device, resolve_dtype
+    from ..devices import DTYPES, cpu_has_fast_bf16, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -371,7 +371,7 @@ def main(argv=None):
                 print(f"writing random {'tiny' if args.tiny else 'SD 1.5'} weights into {workdir} …", flush=True)
                 write_random_folders(workdir, configs)
             if "ip-adapter" in args.only and not (workdir / "weights" / "image_encoder.json").is_file():
-                from .bench_ip_adapter import write_random_ip_files
+                from .ip_adapter import write_random_ip_files
 
                 print("writing a random IP-Adapter and image encoder …", flush=True)
                 write_random_ip_files(workdir, configs["unet"], args.tiny)

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model_io import MODELS, build_on_meta
+from ..model_io import MODELS, build_on_meta
 
 STEPS = 50  # every generation figure is extrapolated to SD's usual 50 DDIM steps
 PROMPT = "a cat sitting on a bench, in the style of a painting"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 # ---- random weights, written the way users have them ------------------------------------------------
@@ -60,7 +60,7 @@ def random_tensor(key, shape, generator):
 
 def write_random_folders(workdir, configs, seed=0):
     """A random fp16 diffusers folder and its drp conversion in `workdir`; returns their paths."""
-    from .convert import FOLDER_FILES, convert
+    from ..convert import FOLDER_FILES, convert
 
     source, weights = Path(workdir) / "diffusers", Path(workdir) / "weights"
     for i, (component, config) in enumerate(folder_configs(configs).items()):
@@ -123,7 +123,7 @@ def reference_pipeline(models, workdir):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from .tokenizer import DEFAULT_VOCAB, NUM_MERGES, bytes_to_unicode
+    from ..tokenizer import DEFAULT_VOCAB, NUM_MERGES, bytes_to_unicode
 
     with gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : 1 + NUM_MERGES]
@@ -212,7 +212,7 @@ def task_calibrate(spec, device, dtype):
 
 
 def load_ours(spec, dtype):
-    from .model_io import load
+    from ..model_io import load
 
     return load(spec["weights"], device=spec["device"], dtype=dtype)
 
@@ -254,7 +254,7 @@ def task_unet(spec, device, dtype):
 
 def dual_reference_method(sd, s):
     """DRP-Diff prepared with two synthetic references (left/right-half masks) for timing a step."""
-    from .dual_reference import DualReference, Options, Reference
+    from ..dual_reference import DualReference, Options, Reference
 
     g = torch.Generator().manual_seed(1)
     refs = {}
@@ -292,7 +292,7 @@ def task_text(spec, device, dtype):
 
 def task_attention(spec, device, dtype):
     """Extra peak memory (MB) of SD's largest self-attention (4,096 tokens, 8 heads of 40), batch 2."""
-    from .attention import attend, attend_explicit
+    from ..attention import attend, attend_explicit
 
     q = torch.randn(2, 8, 4096, 40, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     def peak_mb():
@@ -312,7 +312,7 @@ def task_generate(spec, device, dtype):
     px, steps = spec["size"], spec["steps"]
     latents = torch.randn(1, 4, px // 8, px // 8, generator=torch.Generator().manual_seed(0))
     if spec["impl"] == "ours":
-        from .pipeline import generate
+        from ..pipeline import generate
 
         sd = load_ours(spec, dtype)
         timer = UNetTimer(sd.unet, device)
@@ -333,7 +333,7 @@ def task_drp(spec, device, dtype):
     """The dual-reference generation twice with one cache folder: inverting the references, then cached."""
     from PIL import Image
 
-    from .pipeline import generate
+    from ..pipeline import generate
 
     px, steps = spec["size"], spec["steps"]
     sd = load_ours(spec, dtype)
@@ -444,13 +444,13 @@ def task_compile(spec, device, dtype):
 
 
 def task_drp_ip(spec, device, dtype):  # DRP-Diff's IP-Adapter mode has its own file
-    from .bench_drp_ip import task_drp_ip
+    from .drp_ip import task_drp_ip
 
     return task_drp_ip(spec, device, dtype)
 
 
 def task_drp_ip_first(spec, device, dtype):
-    from .bench_drp_ip import task_drp_ip_first
+    from .drp_ip import task_drp_ip_first
 
     return task_drp_ip_first(spec, device, dtype)
 
@@ -463,7 +463,7 @@ TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_va
 def task_function(name):
     """The task `name`; IP-Adapter's are in drp/bench_ip_adapter.py."""
     if name.startswith("ip-"):
-        from .bench_ip_adapter import TASKS
+        from .ip_adapter import TASKS
 
         return TASKS[name]
     return TASK_FUNCTIONS[name]
@@ -484,7 +484,7 @@ def peak_rss_mb():
 
 def child_main(spec_json):
     """Entry point of a child process: run one task, write its result and peak memory as JSON."""
-    from .devices import resolve_device, resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
 
     spec = json.loads(spec_json)
     torch.manual_seed(0)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .bench_tasks import alternate, clock, random_tensor, reference_models, rel_error
-from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
-from .model_io import build_module_on_meta, load, load_ip_component
-from .vision import VisionConfig, VisionTransformer
+from .tasks import alternate, clock, random_tensor, reference_models, rel_error
+from ..ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
+from ..model_io import build_module_on_meta, load, load_ip_component
+from ..vision import VisionConfig, VisionTransformer
 
 H14 = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_act": "gelu",
        "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
@@ -37,7 +37,7 @@ def encoder_json(cfg: VisionConfig):
 
 def write_random_ip_files(workdir, unet_cfg, tiny, seed=0):
     """Random h94-layout files in `workdir`/ip-source, converted into `workdir`/weights; returns the source."""
-    from .convert import convert
+    from ..convert import convert
 
     source = Path(workdir) / "ip-source"
     encoder_cfg = VisionConfig.tiny() if tiny else VisionConfig.vit_h14()
@@ -106,7 +106,7 @@ def task_ip_encoder(spec, device, dtype):
 
 def task_ip_step(spec, device, dtype):
     """One CFG step (batch 2) at size/8 with the image prompt, and without: ours vs diffusers."""
-    from .ip_adapter import DecoupledCrossAttention, ImageGroup
+    from ..ip_adapter import DecoupledCrossAttention, ImageGroup
 
     sd = load(spec["weights"], device=spec["device"], dtype=dtype)
     adapter = sd.ip_adapter  # the encoder is not needed here, so it is not read

@@ -26,8 +26,8 @@ STAGES = ("early", "late")
 def random_ip_components(sd, tiny, dtype, small_encoder=False):
     """A random IP-Adapter that fits `sd.unet` and a random image encoder, set on `sd`. `small_encoder`: a
     tiny encoder with ViT-H/14's output width, for measurements that do not time the encoder."""
-    from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
-    from .vision import VisionConfig, VisionTransformer
+    from ..ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers
+    from ..vision import VisionConfig, VisionTransformer
 
     layers = tuple(attn2_layers(sd.unet.cfg).items())
     encoder_cfg = VisionConfig.tiny() if tiny else VisionConfig.vit_h14()
@@ -47,7 +47,7 @@ def random_ip_components(sd, tiny, dtype, small_encoder=False):
 def pictures(px):
     from PIL import Image
 
-    from .bench_tasks import ASSETS
+    from .tasks import ASSETS
 
     content, style = ASSETS / "chelsea.png", ASSETS / "starry_night.jpg"
     if not (content.is_file() and style.is_file()):  # outside a checkout: two made-up pictures
@@ -58,8 +58,8 @@ def pictures(px):
 
 def task_drp_ip(spec, device, dtype):
     """The step and the SVDs (a small encoder: its cost is not part of a step)."""
-    from . import dual_reference_ip, svd_keys
-    from .bench_tasks import PROMPT, alternate, load_ours
+    from .. import dual_reference_ip, svd_keys
+    from .tasks import PROMPT, alternate, load_ours
 
     sd = load_ours(spec, dtype)
     random_ip_components(sd, spec["tiny"], dtype, small_encoder=True)
@@ -88,8 +88,8 @@ def task_drp_ip(spec, device, dtype):
 
 def task_drp_ip_first(spec, device, dtype):
     """The whole first run with both references in each mode (the real encoder: its pass is part of it)."""
-    from .bench_tasks import PROMPT, UNetTimer, clock, extrapolate, load_ours
-    from .pipeline import generate
+    from .tasks import PROMPT, UNetTimer, clock, extrapolate, load_ours
+    from ..pipeline import generate
 
     sd = load_ours(spec, dtype)
     random_ip_components(sd, spec["tiny"], dtype)
