@@ -256,6 +256,6 @@ class UNet(nn.Module):
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h, size=skips[-1].shape[-2:])
 
-        # Convolution weights stored channels_last (faster on the CPU, see drp/bench.py) carry that layout
-        # through every activation; the caller gets the usual contiguous layout back.
+        # Convolution weights stored channels_last (faster on the CPU: README's Performance, `python -m
+        # drp.bench`) carry that layout through every activation; the caller gets the usual contiguous layout back.
         return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drp.bench import run as bench, tasks as bench_tasks
+from drp.bench import run, timing
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig
@@ -89,20 +89,20 @@ def test_the_cold_load_starts_with_the_files_out_of_the_page_cache(tmp_path):
     path = tmp_path / "folder" / "unet.safetensors"
     path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB, just written: all its 4 KiB pages in the page cache
     pages = -(-path.stat().st_size // mmap.PAGESIZE)
-    assert bench_tasks.cached_pages(path) == pages
-    bench_tasks.drop_from_page_cache([tmp_path])
-    assert bench_tasks.cached_pages(path) == 0
+    assert timing.cached_pages(path) == pages
+    timing.drop_from_page_cache([tmp_path])
+    assert timing.cached_pages(path) == 0
     assert path.read_bytes() == bytes(range(256)) * 4096  # the file is as it was, and read back in
-    assert bench_tasks.cached_pages(path) == pages
-    assert bench_tasks.cold_start_possible([tmp_path])  # the benchmark's check: it drops them, and sees it
-    assert bench_tasks.cached_pages(path) == 0
+    assert timing.cached_pages(path) == pages
+    assert timing.cold_start_possible([tmp_path])  # the benchmark's check: it drops them, and sees it
+    assert timing.cached_pages(path) == 0
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir() or file_system("/dev/shm") != "tmpfs", reason="no tmpfs at /dev/shm")
 def test_files_held_in_memory_are_not_taken_for_a_cold_start():
     with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
         (Path(folder) / "unet.safetensors").write_bytes(bytes(4096))
-        assert not bench_tasks.cold_start_possible([folder])  # tmpfs: the page cache is the file itself
+        assert not timing.cold_start_possible([folder])  # tmpfs: the page cache is the file itself
 
 
 def test_random_weights_folder_loads_with_drp_and_has_the_configs_asked_for(report):
@@ -114,11 +114,11 @@ def test_random_weights_folder_loads_with_drp_and_has_the_configs_asked_for(repo
 
 
 def test_extrapolation_repeats_each_kind_of_unet_call_at_its_warm_time():
-    timer = bench_tasks.UNetTimer(torch.nn.Identity(), torch.device("cpu"))
+    timer = timing.UNetTimer(torch.nn.Identity(), torch.device("cpu"))
     # 2 steps: two inversion calls (batch 1) and two sampling calls (batch 4), the first of each cold
     timer.calls = [(1, 3.0), (1, 1.0), (4, 9.0), (4, 4.0)]
     expected = 20.0 + 2 * 24 * 1.0 + 2 * 24 * 4.0  # each call made 25× as often, at its warm time
-    assert bench_tasks.extrapolate(20.0, timer, steps=2) == pytest.approx(expected)
+    assert timing.extrapolate(20.0, timer, steps=2) == pytest.approx(expected)
 
 
 def test_an_unknown_measurement_is_refused_with_one_sentence():
@@ -132,17 +132,17 @@ def test_bf16_on_a_cpu_that_only_emulates_it_is_refused(monkeypatch):
 
     monkeypatch.setattr(drp.devices, "cpu_has_fast_bf16", lambda: False)
     with pytest.raises(DrpError, match="no native bf16"):
-        bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"]))
+        run.check_dtype_is_fast(run.parse_args(["--dtype", "bf16"]))
     monkeypatch.setattr(drp.devices, "cpu_has_fast_bf16", lambda: True)
-    assert bench.check_dtype_is_fast(bench.parse_args(["--dtype", "bf16"])).type == "cpu"
+    assert run.check_dtype_is_fast(run.parse_args(["--dtype", "bf16"])).type == "cpu"
 
 
 def test_the_cpu_targets_of_the_issue_are_checked_on_the_cpu_only():
     rows = [{"name": "UNet 64×64, batch 2", "ratio": 0.4}, {"name": "DRP step 64×64 (late) / plain CFG step",
                                                             "ratio": 2.5}]
-    on_cpu = {(c["row"], c["bound"]): c["met"] for c in bench.check_targets(rows, "bf16", "cpu")}
+    on_cpu = {(c["row"], c["bound"]): c["met"] for c in run.check_targets(rows, "bf16", "cpu")}
     assert on_cpu == {("UNet 64×64, batch 2", 0.5): True, ("DRP step 64×64 (late) / plain CFG step", 2.2): False}
-    on_cpu_fp32 = {(c["row"], c["bound"]) for c in bench.check_targets(rows, "fp32", "cpu")}
+    on_cpu_fp32 = {(c["row"], c["bound"]) for c in run.check_targets(rows, "fp32", "cpu")}
     assert ("UNet 64×64, batch 2", 1.0) in on_cpu_fp32 and ("UNet 64×64, batch 2", 0.5) not in on_cpu_fp32
-    on_gpu = {(c["row"], c["bound"]) for c in bench.check_targets(rows, "fp16", "cuda")}
+    on_gpu = {(c["row"], c["bound"]) for c in run.check_targets(rows, "fp16", "cuda")}
     assert on_gpu == {("DRP step 64×64 (late) / plain CFG step", 2.2)}  # the bf16 CPU figures are not the GPU's

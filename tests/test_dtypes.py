@@ -119,7 +119,7 @@ def test_bf16_attention_softmax_over_4096_keys_is_accumulated_in_fp32():
 PEAK_SCRIPT = """
     import sys, torch
     from drp.attention import attend, attend_explicit
-    from drp.bench.tasks import peak_rss_mb
+    from drp.bench.timing import peak_rss_mb
     torch.set_num_threads(2)  # the fused kernel's buffers are per thread: the same bound on any machine
     q = torch.randn(1, 2, 4096, 40).to(getattr(torch, sys.argv[1]))
     def peak():

@@ -1,3 +1,5 @@
+"""`python -m drp.bench`: see drp/bench/run.py."""
+
 import sys
 
 from .run import main

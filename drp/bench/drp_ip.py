@@ -1,6 +1,6 @@
 """`python -m drp.bench --only drp-ip,drp-ip-first`: the cost of DRP-Diff's IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B2).
 
-Two child processes (drp/bench_tasks.py runs them) hold our SD from the benchmark's random folder, a
+Two child processes (drp/bench/child.py runs them) hold our SD from the benchmark's random folder, a
 random IP-Adapter with SD 1.5's shapes and a random image encoder (`--tiny`: their tiny configs), built in
 memory: their values change no timing. They measure
 
@@ -19,6 +19,9 @@ import tempfile
 import time
 
 import torch
+
+from .timing import UNetTimer, alternate, clock, extrapolate
+from .weights import PROMPT, load_ours, pictures
 
 STAGES = ("early", "late")
 
@@ -44,22 +47,9 @@ def random_ip_components(sd, tiny, dtype, small_encoder=False):
     sd.image_encoder = encoder.to(sd.device, dtype).eval().requires_grad_(False)
 
 
-def pictures(px):
-    from PIL import Image
-
-    from .tasks import ASSETS
-
-    content, style = ASSETS / "chelsea.png", ASSETS / "starry_night.jpg"
-    if not (content.is_file() and style.is_file()):  # outside a checkout: two made-up pictures
-        content = Image.effect_mandelbrot((px, px), (-2, -1.5, 1, 1.5), 100).convert("RGB")
-        style = Image.linear_gradient("L").resize((px, px)).convert("RGB")
-    return content, style
-
-
 def task_drp_ip(spec, device, dtype):
     """The step and the SVDs (a small encoder: its cost is not part of a step)."""
     from .. import dual_reference_ip, svd_keys
-    from .tasks import PROMPT, alternate, load_ours
 
     sd = load_ours(spec, dtype)
     random_ip_components(sd, spec["tiny"], dtype, small_encoder=True)
@@ -88,7 +78,6 @@ def task_drp_ip(spec, device, dtype):
 
 def task_drp_ip_first(spec, device, dtype):
     """The whole first run with both references in each mode (the real encoder: its pass is part of it)."""
-    from .tasks import PROMPT, UNetTimer, clock, extrapolate, load_ours
     from ..pipeline import generate
 
     sd = load_ours(spec, dtype)
@@ -110,8 +99,11 @@ def task_drp_ip_first(spec, device, dtype):
     return out
 
 
+TASKS = {"drp-ip": task_drp_ip, "drp-ip-first": task_drp_ip_first}
+
+
 def rows(result, first, spec, row):
-    """The report's rows of the two measurements (`row` is drp.bench's row maker); either may be None."""
+    """The report's rows of the two measurements (`row` is drp/bench/run.py's row maker); either may be None."""
     px, out = spec["size"], []
     for s in spec["unet_sizes"] if result else []:
         t = result[str(s)]

@@ -1,6 +1,6 @@
 """`python -m drp.bench --only ip-adapter`: IP-Adapter's cost next to diffusers/transformers, on random weights.
 
-Part of drp/bench.py (which writes the SD folders and runs each measurement in a fresh child process).
+Part of drp/bench/ (run.py writes the SD folders and runs each measurement in a fresh child process).
 This file writes a random IP-Adapter file (ip-adapter_sd15 layout, fp16) and an image-encoder folder
 (the h94 `models/image_encoder` layout with the ViT-H/14 config, fp16 to match the SD files), converts
 both into the weights folder, and holds the three child tasks:
@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .tasks import alternate, clock, random_tensor, reference_models, rel_error
 from ..ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
 from ..model_io import build_module_on_meta, load, load_ip_component
 from ..vision import VisionConfig, VisionTransformer
+from .timing import alternate, clock, rel_error
+from .weights import random_tensor, reference_models
 
 H14 = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", "hidden_act": "gelu",
        "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
@@ -169,7 +170,7 @@ TASKS = {"ip-encoder": task_ip_encoder, "ip-step": task_ip_step, "ip-load": task
 
 
 def measure(spec, child, ours_then_reference, row, repeats):
-    """The report's rows of `--only ip-adapter` (see drp/bench.py measure for `child` and the rest)."""
+    """The report's rows of `--only ip-adapter` (see drp/bench/run.py measure for `child` and the rest)."""
     rows = []
     result = child("ip-encoder")
     t = result["times"]

@@ -2,7 +2,7 @@
 
 Nothing is downloaded. The benchmark writes a random fp16 diffusers folder with SD 1.5's shapes into a
 temporary directory, converts it into a drp weights folder with `drp.convert`, and then runs every
-measurement in a fresh child process, `python -m drp.bench_tasks` (so that the child's peak resident
+measurement in a fresh child process, `python -m drp.bench.child` (so that the child's peak resident
 memory belongs to that measurement alone). Inside a child, ours and the reference
 (diffusers, if importable) hold the *same* tensors and are called alternately, so a machine shared
 with other work slows both alike.
@@ -19,8 +19,8 @@ with other work slows both alike.
                 warm (files in the page cache), then cold (dropped from it first; Linux, not tmpfs)
     compile     torch.compile of our UNet at 32×32: first-call cost and speed-up (only with --compile)
     ip-adapter  IP-Adapter: image encoder forward, the CFG step with the adapter and its share, loading the
-                encoder (only with --only ip-adapter; drp/bench_ip_adapter.py)
-    drp-ip      DRP-Diff's IP-Adapter mode (drp/bench_drp_ip.py): its step vs a plain CFG step, the 16 SVDs
+                encoder (only with --only ip-adapter; drp/bench/ip_adapter.py)
+    drp-ip      DRP-Diff's IP-Adapter mode (drp/bench/drp_ip.py): its step vs a plain CFG step, the 16 SVDs
     drp-ip-first  its first run vs the self-attention mode's first run (with a random ViT-H/14 encoder,
                 2.5 GB more in fp32); both only with --only drp-ip,drp-ip-first
 
@@ -43,12 +43,13 @@ from pathlib import Path
 
 import torch
 
-from .tasks import STEPS, cold_start_possible, write_random_folders
 from ..clip import CLIPConfig
 from ..errors import DrpError
 from ..model_io import MODELS, build_on_meta
 from ..unet import UNetConfig
 from ..vae import VAEConfig
+from .timing import STEPS, cold_start_possible
+from .weights import write_random_folders
 
 TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter", "drp-ip",
          "drp-ip-first"]
@@ -63,7 +64,7 @@ def run_child(task, spec, workdir, **extra):
     spec = dict(spec, task=task, out=str(out), **extra)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "drp.bench.tasks", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "drp.bench.child", json.dumps(spec)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not out.is_file():
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])

@@ -1,201 +1,15 @@
-"""What runs inside a child process of `python -m drp.bench`: one measurement per fresh process.
-
-drp/bench.py writes the random weights (`write_random_folders`, here) and then starts
-`python -m drp.bench_tasks SPEC` once per measurement: `child_main` runs the task the JSON spec names
-and writes its result, with the process's peak memory, as JSON to the spec's `out` file. Also here:
-the reference (diffusers) models and pipeline, and the timing helpers.
+"""The benchmark's measurements of SD itself, each run in a fresh child process (drp/bench/child.py):
+the UNet and the DRP-Diff step, the VAE, the text encoder, attention memory, whole generations, loading,
+torch.compile. IP-Adapter's measurements are in ip_adapter.py, its DRP mode's in drp_ip.py.
 """
 
-import json
-import os
-import resource
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..model_io import MODELS, build_on_meta
-
-STEPS = 50  # every generation figure is extrapolated to SD's usual 50 DDIM steps
-PROMPT = "a cat sitting on a bench, in the style of a painting"
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-
-
-# ---- random weights, written the way users have them ------------------------------------------------
-
-def folder_configs(configs, dtype="float16"):
-    """config.json of each component of a diffusers folder for our configs (what drp.convert reads)."""
-    u, v, t = configs["unet"], configs["vae"], configs["text_encoder"]
-    levels = len(u.channels)
-    return {
-        "unet": {"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": u.in_channels,
-                 "out_channels": u.out_channels, "block_out_channels": list(u.channels),
-                 "layers_per_block": u.layers_per_block, "attention_head_dim": u.heads,
-                 "cross_attention_dim": u.context_dim, "norm_num_groups": u.groups,
-                 "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attn_levels],
-                 "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attn_levels)]},
-        "vae": {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.in_channels,
-                "latent_channels": v.latent_channels, "block_out_channels": list(v.channels),
-                "layers_per_block": v.layers_per_block, "norm_num_groups": v.groups, "sample_size": 512,
-                "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels},
-        "text_encoder": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                         "vocab_size": t.vocab_size, "max_position_embeddings": t.max_len, "hidden_size": t.dim,
-                         "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
-                         "intermediate_size": t.mlp_dim, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-                         "projection_dim": t.dim, "torch_dtype": dtype},
-    }
-
-
-def random_tensor(key, shape, generator):
-    """Seeded values of a sensible size: N(0, 1/fan_in) weights, norm scales near 1, small biases."""
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=generator) / int(torch.Size(shape[1:]).numel()) ** 0.5
-    if key.endswith("weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=generator)
-    return 0.1 * torch.randn(shape, generator=generator)
-
-
-def write_random_folders(workdir, configs, seed=0):
-    """A random fp16 diffusers folder and its drp conversion in `workdir`; returns their paths."""
-    from ..convert import FOLDER_FILES, convert
-
-    source, weights = Path(workdir) / "diffusers", Path(workdir) / "weights"
-    for i, (component, config) in enumerate(folder_configs(configs).items()):
-        folder = source / component
-        folder.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(seed * 10 + i)
-        shapes = {k: tuple(v.shape) for k, v in build_on_meta(component, configs[component]).state_dict().items()}
-        tensors = {k: random_tensor(k, s, generator).half() for k, s in sorted(shapes.items())}
-        file = folder / FOLDER_FILES[component][0]  # the plain file of a diffusers folder
-        save_file(tensors, str(file) + ".tmp", metadata={"format": "pt"})
-        os.replace(str(file) + ".tmp", file)
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        del tensors
-    convert(source, weights, dtype="fp16", progress=False)
-    return source, weights
-
-
-# ---- the reference: diffusers models holding our tensors -------------------------------------------
-
-def reference_models(spec, dtype, components=("unet", "vae", "text_encoder")):
-    """diffusers' UNet and VAE and transformers' CLIP built on meta, then given the converted files' tensors.
-
-    Read as plain contiguous tensors, one copy, whatever layout drp.load chooses: the reference runs as
-    users run it, and a child holding it holds nothing else.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import safe_open
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    source, models = Path(spec["source"]), {}
-    with torch.device("meta"):
-        if "unet" in components:
-            models["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source / "unet"))
-        if "vae" in components:
-            models["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(source / "vae"))
-        if "text_encoder" in components:
-            models["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(source / "text_encoder"))
-    for name, model in models.items():
-        keys = set(model.state_dict())
-        with safe_open(str(Path(spec["weights"]) / MODELS[name][2]), framework="pt") as f:
-            state = {(k if k in keys else k.removeprefix("text_model.")): f.get_tensor(k).to(spec["device"], dtype)
-                     for k in f.keys()}
-        model.load_state_dict(state, assign=True, strict=False)
-        for key, buffer in list(model.named_buffers()):
-            if buffer.is_meta and key.endswith("position_ids"):  # a non-persistent buffer of transformers
-                owner = model.get_submodule(key.rsplit(".", 1)[0])
-                owner.register_buffer("position_ids", torch.arange(buffer.shape[-1], device=spec["device"])[None],
-                                      persistent=False)
-        leftover = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if leftover:
-            raise RuntimeError(f"the reference {name} got no value for {leftover[0]}")
-        model.eval().requires_grad_(False)
-    return models
-
-
-def reference_pipeline(models, workdir):
-    """diffusers' StableDiffusionPipeline with SD 1.5's DDIM scheduler and a CLIP tokenizer of our vocabulary."""
-    import gzip
-
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    from ..tokenizer import DEFAULT_VOCAB, NUM_MERGES, bytes_to_unicode
-
-    with gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 1 + NUM_MERGES]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(workdir) / "tokenizer"
-    folder.mkdir(exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                              pad_token="<|endoftext|>", model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
-                                   unet=models["unet"], scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# ---- timing inside a child ---------------------------------------------------------------------------
-
-def clock(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def alternate(calls, device, repeats, warmup=1):
-    """Runs each named call in turn, `warmup` rounds untimed then `repeats` timed; {name: [seconds]}."""
-    times = {name: [] for name in calls}
-    for round_ in range(warmup + repeats):
-        for name, call in calls.items():
-            start = clock(device)
-            with torch.no_grad():
-                call()
-            if round_ >= warmup:
-                times[name].append(clock(device) - start)
-    return times
-
-
-class UNetTimer:
-    """Forward hooks that time every call of a UNet (ours or diffusers'): a list of (batch size, seconds)."""
-
-    def __init__(self, unet, device):
-        self.device, self.calls = device, []
-        unet.register_forward_pre_hook(self.enter)
-        unet.register_forward_hook(self.leave)
-
-    def enter(self, module, args):
-        self.start = clock(self.device)
-
-    def leave(self, module, args, output):
-        self.calls.append((args[0].shape[0], clock(self.device) - self.start))
-
-
-def extrapolate(total, timer, steps):
-    """The run's seconds at 50 steps: each kind of UNet call (told apart by batch size: inversion, sampling)
-    made 50/steps times as often, at the time of its last call; everything else, first-call costs
-    included, once. The last call, not the mean: a process's first call of a shape is much slower."""
-    extra = 0.0
-    for batch in {b for b, _ in timer.calls}:
-        times = [s for b, s in timer.calls if b == batch]
-        extra += len(times) * (STEPS / steps - 1) * times[-1]
-    return total + extra
-
-
-def rel_error(got, expected):
-    """Largest difference relative to the largest magnitude of `expected`."""
-    got, expected = got.float().cpu(), expected.float().cpu()
-    return float((got - expected).abs().max() / expected.abs().max())
+from .timing import STEPS, UNetTimer, alternate, clock, drop_from_page_cache, extrapolate, peak_rss_mb, rel_error
+from .weights import PROMPT, load_ours, pictures, reference_models, reference_pipeline
 
 
 # ---- the measurements, each run in its own child process ---------------------------------------------
@@ -210,11 +24,6 @@ def task_calibrate(spec, device, dtype):
         out[name] = 2 * n**3 / min(seconds) / 1e9
     return out
 
-
-def load_ours(spec, dtype):
-    from ..model_io import load
-
-    return load(spec["weights"], device=spec["device"], dtype=dtype)
 
 
 def task_unet(spec, device, dtype):
@@ -252,6 +61,7 @@ def task_unet(spec, device, dtype):
     return out
 
 
+
 def dual_reference_method(sd, s):
     """DRP-Diff prepared with two synthetic references (left/right-half masks) for timing a step."""
     from ..dual_reference import DualReference, Options, Reference
@@ -267,6 +77,7 @@ def dual_reference_method(sd, s):
     return DualReference(refs, Options(), 1, [[2]], STEPS // 2, {})
 
 
+
 def task_vae(spec, device, dtype):
     sd = load_ours(spec, dtype)
     px = spec["size"]
@@ -280,6 +91,7 @@ def task_vae(spec, device, dtype):
     return {"times": alternate(calls, device, spec["repeats"])}
 
 
+
 def task_text(spec, device, dtype):
     sd = load_ours(spec, dtype)
     tokens = sd.tokenizer(["", PROMPT]).to(device)
@@ -288,6 +100,7 @@ def task_text(spec, device, dtype):
         ref = reference_models(spec, dtype, ["text_encoder"])["text_encoder"]
         calls["ref"] = lambda: ref(tokens).last_hidden_state
     return {"times": alternate(calls, device, spec["repeats"])}
+
 
 
 def task_attention(spec, device, dtype):
@@ -305,6 +118,7 @@ def task_attention(spec, device, dtype):
         fn(q, q, q)
         out[name] = {"seconds": clock(device) - start, "extra_peak_mb": peak_mb() - before}
     return out
+
 
 
 def task_generate(spec, device, dtype):
@@ -329,19 +143,15 @@ def task_generate(spec, device, dtype):
     return {"seconds": total, "extrapolated": extrapolate(total, timer, steps), "unet_calls": timer.calls}
 
 
+
 def task_drp(spec, device, dtype):
     """The dual-reference generation twice with one cache folder: inverting the references, then cached."""
-    from PIL import Image
-
     from ..pipeline import generate
 
     px, steps = spec["size"], spec["steps"]
     sd = load_ours(spec, dtype)
     timer = UNetTimer(sd.unet, device)
-    content, style = ASSETS / "chelsea.png", ASSETS / "starry_night.jpg"
-    if not (content.is_file() and style.is_file()):  # outside a checkout: two made-up pictures
-        content = Image.effect_mandelbrot((px, px), (-2, -1.5, 1, 1.5), 100).convert("RGB")
-        style = Image.linear_gradient("L").resize((px, px)).convert("RGB")
+    content, style = pictures(px)
     out = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for run in ("first", "cached"):
@@ -353,59 +163,6 @@ def task_drp(spec, device, dtype):
             out[run] = {"seconds": total, "extrapolated": extrapolate(total, timer, steps),
                         "unet_calls": timer.calls, "timings": result.info["timings"]}
     return out
-
-
-def files_under(folders):
-    return [p for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()]
-
-
-def drop_from_page_cache(folders):
-    """Makes the next read of every file under `folders` come from the disk: a cold start (Linux). Does
-    nothing on tmpfs, where the page cache is where the files live: see `cold_start_possible`."""
-    for path in files_under(folders):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # pages not yet written out cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cached_pages(path):
-    """How many pages of a file are in the page cache: Linux's mincore on a mapping of it (which reads nothing)."""
-    import ctypes
-    import mmap
-
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-    with open(path, "rb") as f:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
-    if address in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), f"cannot map {path}")
-    try:
-        if libc.mincore(address, size, pages) != 0:
-            raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-    finally:
-        libc.munmap(address, size)
-    return sum(page & 1 for page in pages)
-
-
-def cold_start_possible(folders):
-    """Whether `drop_from_page_cache` takes these files out of the page cache here, tried (not on tmpfs)."""
-    if not (hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")):
-        return False
-    try:
-        drop_from_page_cache(folders)
-        return not any(cached_pages(path) for path in files_under(folders))
-    except OSError:  # e.g. a file it may not open
-        return False
 
 
 def task_load(spec, device, dtype):
@@ -428,6 +185,7 @@ def task_load(spec, device, dtype):
     return {"seconds": clock(device) - start}
 
 
+
 def task_compile(spec, device, dtype):
     """torch.compile of our UNet at 32×32, batch 2: the first call's cost, then compiled vs eager."""
     sd = load_ours(spec, dtype)
@@ -443,59 +201,7 @@ def task_compile(spec, device, dtype):
     return {"first_call": first, "times": times}
 
 
-def task_drp_ip(spec, device, dtype):  # DRP-Diff's IP-Adapter mode has its own file
-    from .drp_ip import task_drp_ip
 
-    return task_drp_ip(spec, device, dtype)
-
-
-def task_drp_ip_first(spec, device, dtype):
-    from .drp_ip import task_drp_ip_first
-
-    return task_drp_ip_first(spec, device, dtype)
-
-
-TASK_FUNCTIONS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_vae, "text": task_text,
-                  "attention": task_attention, "generate": task_generate, "drp": task_drp, "load": task_load,
-                  "compile": task_compile, "drp-ip": task_drp_ip, "drp-ip-first": task_drp_ip_first}
-
-
-def task_function(name):
-    """The task `name`; IP-Adapter's are in drp/bench_ip_adapter.py."""
-    if name.startswith("ip-"):
-        from .ip_adapter import TASKS
-
-        return TASKS[name]
-    return TASK_FUNCTIONS[name]
-
-
-def peak_rss_mb():
-    """This process's peak resident memory in MiB.
-
-    Read from /proc/self/status (VmHWM) where it exists: `ru_maxrss` starts at the parent's peak, which
-    Linux carries over into a child across exec, so it would charge each child with the parent's memory.
-    """
-    try:
-        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024  # kB
-    except (OSError, IndexError, ValueError):
-        per_mb = 2**20 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
-
-
-def child_main(spec_json):
-    """Entry point of a child process: run one task, write its result and peak memory as JSON."""
-    from ..devices import resolve_device, resolve_dtype
-
-    spec = json.loads(spec_json)
-    torch.manual_seed(0)
-    device = resolve_device(spec["device"])
-    dtype = resolve_dtype(spec["dtype"], device)
-    result = task_function(spec["task"])(spec, device, dtype)
-    result["peak_rss_gib"] = peak_rss_mb() / 1024
-    if device.type == "cuda":
-        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    Path(spec["out"]).write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    child_main(sys.argv[1])
+TASKS = {"calibrate": task_calibrate, "unet": task_unet, "vae": task_vae, "text": task_text,
+         "attention": task_attention, "generate": task_generate, "drp": task_drp, "load": task_load,
+         "compile": task_compile}
