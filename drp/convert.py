@@ -13,34 +13,30 @@ used or on the declared ignore list, and every shape agrees after the declared t
 each model is written tensor by tensor into a temporary file, and the finished set replaces the old
 one with `os.replace`, so an interrupted conversion leaves nothing half-written.
 
-Checkpoints are never unpickled with arbitrary code: `.ckpt`/`.bin` go through drp/torch_files.py
-(`torch.load(weights_only=True)`; plain pickles are refused unread), `.safetensors` through `safe_open`
-(lazily, one tensor at a time).
+The files are opened, written and hashed by drp/weight_files.py, which drp/convert_ip_adapter.py (an
+IP-Adapter file or image encoder given as SRC) shares. Checkpoints are never unpickled with arbitrary
+code: `.ckpt`/`.bin` go through drp/torch_files.py (`torch.load(weights_only=True)`; plain pickles are
+refused unread), `.safetensors` through `safe_open` (lazily, one tensor at a time).
 """
 
-import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from . import keymaps
 from .clip import CLIPConfig
+from .convert_ip_adapter import convert_component
 from .errors import DrpError
-from .model_io import FILE_DTYPES, FORMAT, MODELS, build_on_meta
-from .torch_files import kind_of, read_state_dict
+from .model_io import FORMAT, MODELS, build_on_meta
 from .unet import UNetConfig
 from .vae import VAEConfig
+from .weight_files import OUT_DTYPES, Move, open_tensors, sha256_of, write_safetensors
 
-OUT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {dtype: name for name, dtype in FILE_DTYPES.items()}  # what drp.load reads back
 # Weight files of a diffusers folder, best first: the plain file, then the `.fp16.` variant.
 FOLDER_FILES = {
     "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -49,22 +45,6 @@ FOLDER_FILES = {
 }
 FOLDER_FILES["vae"] = FOLDER_FILES["unet"]
 SD1_ONLY = "drp implements SD 1.x only, so convert an SD 1.4/1.5 checkpoint instead"
-
-
-class Move(NamedTuple):
-    """Where one of our parameters comes from."""
-
-    source: str  # key in the source file
-    transform: Optional[Callable]  # declared reshaping (keymaps.conv1x1_to_linear) or None
-    shape: tuple  # our shape, checked after the transform
-
-
-@dataclass
-class Source:
-    """Read access to a checkpoint's tensors: shapes up front, data one tensor at a time."""
-
-    shapes: dict  # key -> shape tuple
-    read: Callable  # key -> tensor
 
 
 @dataclass
@@ -77,54 +57,7 @@ class Plan:
     ignored: list = field(default_factory=list)
 
 
-# ---- reading -----------------------------------------------------------------------------------
-
-def open_tensors(path):
-    """A Source for a single checkpoint file, telling the file kinds apart by their first bytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise DrpError(f"{path} does not exist; give the path of an SD 1.x checkpoint file or diffusers folder.")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise DrpError(f"{path} cannot be read ({e.strerror or e}); check the path and its permissions.") from None
-    size = path.stat().st_size
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    is_safetensors = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size
-    if is_safetensors:
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        except SafetensorError as e:
-            # 0x80 starts a pickle (torch.save's legacy format), whose bytes can pass the test above; but it is
-            # also the first byte of a safetensors file whose header length is 128 more than a multiple of 256:
-            # only bytes that decode as a pickle go on to torch_files, the others are a damaged safetensors file
-            if head[:1] != b"\x80" or kind_of(path) is None:
-                raise DrpError(f"{path} is a truncated or damaged safetensors file ({e}); download it again.") from None
-        else:
-            return Source(shapes, handle.get_tensor)
-    return _open_torch(path)  # torch.save's zip or legacy format; anything else is refused there
-
-
-def _open_torch(path):
-    obj = read_state_dict(path)
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps it, maybe twice
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise DrpError(f"{path} holds a {type(obj).__name__}, not a state dict; give an SD 1.x checkpoint.")
-    tensors = {}
-
-    def flatten(d, prefix):  # nested dicts (as in textual-inversion files) become dotted keys
-        for k, v in d.items():
-            if isinstance(v, dict):
-                flatten(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                tensors[f"{prefix}{k}"] = v
-
-    flatten(obj, "")
-    return Source({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__)
-
+# ---- what a checkpoint is ------------------------------------------------------------------------
 
 def refuse_other_kinds(shapes, name):
     """Raises DrpError with one sentence if `shapes` is a checkpoint of some other kind than SD 1.x."""
@@ -285,44 +218,6 @@ def find_folder_file(folder, component):
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def write_safetensors(path, moves, read, dtype, bar=None):
-    """Writes a safetensors file one tensor at a time: header from the plan, then each tensor's bytes."""
-    keys = sorted(moves)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for key in keys:
-        n = itemsize * int(torch.Size(moves[key].shape).numel())
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(moves[key].shape),
-                       "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes so tensor data stays aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for key in keys:
-            move = moves[key]
-            t = read(move.source)
-            t = (move.transform(t) if move.transform else t).to(dtype).contiguous()
-            f.write(memoryview(t.numpy()).cast("B"))
-            if bar is not None:
-                bar.update()
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def sha256_of(files, progress):
-    """sha256 of the files' bytes, read one after another."""
-    digest = hashlib.sha256()
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", disable=not progress) as bar:
-        for path in files:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-                    bar.update(len(block))
-    return digest.hexdigest()
-
-
 def output_paths(out):
     return [out / MODELS[c][2] for c in MODELS] + [out / "model.json"]
 
@@ -347,9 +242,7 @@ def convert(src, out="weights", dtype="fp16", force=False, progress=True):
         raise DrpError(f"unknown output dtype {dtype!r}; choose fp16 or fp32.")
     if not src.exists():
         raise DrpError(f"{src} does not exist; give the path of an SD 1.x checkpoint file or diffusers folder.")
-    from .convert_ip_adapter import convert_component  # IP-Adapter's files are added next to the SD weights
-
-    added = convert_component(src, out, dtype, force, progress)
+    added = convert_component(src, out, dtype, force, progress)  # IP-Adapter's files go next to the SD weights
     if added is not None:
         return added
     outputs = check_can_write(out, force)

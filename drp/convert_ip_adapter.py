@@ -27,11 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .convert import OUT_DTYPES, Move, open_tensors, sha256_of, write_safetensors
 from .errors import DrpError
 from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
 from .model_io import build_module_on_meta
 from .unet import UNetConfig
+from .weight_files import OUT_DTYPES, Move, open_tensors, sha256_of, write_safetensors
 
 FORMAT = 1
 ADAPTER = ("ip_adapter.safetensors", "ip_adapter.json")

@@ -1,6 +1,7 @@
 """Reading a PyTorch checkpoint file (`.ckpt`, `.bin`, `.pt`) without running any code stored in it.
 
-Where it sits: drp/convert.py reads the tensors of a checkpoint that is not safetensors through
+Where it sits: drp/weight_files.py, which opens the checkpoints drp/convert.py and
+drp/convert_ip_adapter.py convert, reads the tensors of one that is not safetensors through
 `read_state_dict`. Such a file is a pickle, and unpickling can call any function the pickle names
 (a `__reduce__` that returns `(os.system, ("…",))` runs a shell command). Three kinds are told apart
 by their first bytes:

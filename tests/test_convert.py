@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 import checkpoints as ck
 from drp import keymaps
 from drp.clip import CLIPConfig
-from drp.convert import convert, open_tensors, plan_folder, plan_single_file
+from drp.convert import convert, plan_folder, plan_single_file
 from drp.errors import DrpError
 from drp.model_io import load
 from drp.unet import UNetConfig
 from drp.vae import VAEConfig
+from drp.weight_files import open_tensors
 from manifests import diffusers_manifest, ldm_manifest
 
 ROOT = Path(__file__).resolve().parent.parent

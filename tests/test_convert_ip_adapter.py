@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 import drp
 from drp import convert_ip_adapter as cia
-from drp.convert import Source, convert
+from drp.convert import convert
 from drp.errors import DrpError
 from drp.ip_adapter import attn2_layers, file_index
 from drp.unet import UNetConfig
+from drp.weight_files import Source
 from ip_checkpoints import FILES, adapter_file, reference_encoder, write_h94_folder
 from manifests import MANIFESTS, read_manifest
 from tiny import tiny_weights_dir
