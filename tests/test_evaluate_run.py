@@ -110,7 +110,8 @@ def test_one_process_run_writes_items_config_and_one_png_per_item_with_its_setti
 
 def test_torchrun_with_two_processes_makes_every_item_once_and_the_same_images(alone, weights, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # one thread per worker, as `alone` ran: torchrun sets OMP_NUM_THREADS=1 only when it is not set already
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "drp.evaluate", "run", *SETTINGS, "--weights", str(weights), "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)

@@ -18,7 +18,9 @@ from drp.model_io import build_on_meta, load, read_tensors
 from drp.unet import UNetConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder")
-LAYOUT_TOL = 1e-5  # relative to the largest output: convolutions in the other memory layout sum in another order
+# relative to the largest output, as the parity tests' bound: the other memory layout runs other convolution
+# kernels, which sum in another order (3.2e-6 measured on an AMD EPYC with AVX-512, 1 and 2 threads)
+LAYOUT_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
