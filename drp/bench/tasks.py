@@ -145,7 +145,8 @@ def task_generate(spec, device, dtype):
 
 
 def task_drp(spec, device, dtype):
-    """The dual-reference generation twice with one cache folder: inverting the references, then cached."""
+    """The self-attention mode's generation twice with one cache folder: inverting the references, then
+    cached (named, since `auto` would take the IP-Adapter mode when --only ip-adapter has added its files)."""
     from ..pipeline import generate
 
     px, steps = spec["size"], spec["steps"]
@@ -158,7 +159,7 @@ def task_drp(spec, device, dtype):
             timer.calls = []
             start = clock(device)
             result = generate(sd, PROMPT, steps=steps, height=px, width=px, content=content, style=style,
-                              subject="cat", cache_dir=cache_dir, progress=False)
+                              subject="cat", mode="self-attention", cache_dir=cache_dir, progress=False)
             total = clock(device) - start
             out[run] = {"seconds": total, "extrapolated": extrapolate(total, timer, steps),
                         "unet_calls": timer.calls, "timings": result.info["timings"]}
