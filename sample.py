@@ -6,8 +6,12 @@
     python sample.py --mode self-attention                     # the demo without IP-Adapter, even where it is converted
     python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
 
-On a fresh machine (no converted weights in --weights) it first downloads the SD 1.5 checkpoint and
-converts it, as `python convert_weights.py --download` does; `--no-download` stops with an error instead.
+On a fresh machine (no converted weights in --weights) it first downloads SD 1.5, and IP-Adapter with its
+image encoder for the paper's mode (6.8 GB in all; `--mode self-attention`: SD 1.5 alone, 4.3 GB), and
+converts them, as `python convert_weights.py --download` and `--download ip-adapter` do; `--no-download`
+stops with an error instead. A folder that holds converted SD weights is not added to (but to finish a first
+run that stopped): `--mode auto` then runs with what is there, and says how to add IP-Adapter. $DRP_WEIGHTS_URL
+and $DRP_IP_ADAPTER_URL name other addresses of the files (drp/first_run.py).
 The settings, files and folders are checked before the weights are loaded, so a mistake costs no time:
 it is reported as one line `error: …` on stderr, the exit status is 1, and nothing is written. Each image is saved as a
 PNG that carries its settings in the web UI's `parameters` text chunk (drp/png_info.py).
@@ -21,17 +25,15 @@ import warnings
 from pathlib import Path
 
 import drp
-from drp import cache
-from drp.convert import convert
-from drp.convert import output_paths as converted_paths
+from drp import cache, first_run
 from drp.devices import resolve_device, resolve_dtype
-from drp.download import checkpoint_path, download, pinned, weights_url
 from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
 from drp.images import load_image
 from drp.ip_adapter import attn2_layers, resolve_scale
 from drp.method_common import MODES, resolve_mode
+from drp.model_io import read_model_json
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
@@ -138,8 +140,10 @@ def parse_args(argv=None):
                                                  f"(x-0.png, x-1.png, … for several; default: {DEFAULT_OUT}/)")
     o.add_argument("--weights", default="weights", metavar="DIR", help="converted weights (default: %(default)s)")
     o.add_argument("--no-download", action="store_true",
-                   help="if DIR holds no converted weights, stop with an error instead of downloading the SD 1.5 "
-                        "checkpoint (about 4 GB, or $DRP_WEIGHTS_URL) into DIR and converting it")
+                   help="if DIR holds no converted weights, stop with an error instead of downloading SD 1.5 and "
+                        "IP-Adapter with its image encoder (6.8 GB; with --mode self-attention SD 1.5 alone, "
+                        "4.3 GB) into DIR and converting them; $DRP_WEIGHTS_URL and $DRP_IP_ADAPTER_URL name "
+                        "other addresses")
     o.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,mps}", help="(default: %(default)s)")
     o.add_argument("--dtype", default="auto", metavar="{auto,fp32,fp16,bf16}",
                    help="(default: %(default)s: fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)")
@@ -213,7 +217,7 @@ def checked_settings(args):
         load_image(image, "IP-Adapter image")
     if args.ip_image:
         resolve_scale(args.ip_scale, list(attn2_layers()))  # a block SD 1.5 does not have: DrpError
-    missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
+    missing = ip_files_missing(args)
     ip_mode = args.mode == "ip-adapter" or args.mode == "auto" and not missing  # as drp.generate will choose
     if ip_mode and (args.content or args.style) and (args.content_mask or args.style_mask):
         raise DrpError("the ip-adapter mode splits foreground from background spectrally and takes no masks; "
@@ -231,18 +235,32 @@ def checked_settings(args):
     return device, dtype, paths
 
 
-def download_weights(folder, progress):
-    """A fresh machine: the SD 1.5 checkpoint downloaded into `folder` (or resumed) and converted there,
-    as `python convert_weights.py --download` does, saying first what is fetched and where."""
-    url = weights_url()
-    sha256, size = pinned(url)
-    dest = checkpoint_path(folder, url)
-    how_big = f"{size / 2**30:.1f} GiB" if size else "size as the server states"
-    print(f"{folder} holds no converted weights: downloading {dest.name} ({how_big}) from {url} into {dest}, "
-          f"then converting it into {folder} (--no-download stops instead)")
-    download(url, dest, progress=progress, sha256=sha256)
-    convert(dest, folder, dtype="fp16", progress=progress)
-    print(f"converted {dest} into {folder}; the downloaded file can be deleted")
+def first_run_downloads(args):
+    """What this run downloads into --weights before loading: some of "sd15" and "ip-adapter" (drp/first_run.py)."""
+    return [] if args.no_download else first_run.downloads(args.weights, args.mode)
+
+
+def ip_files_missing(args):
+    """IP-Adapter's files that --weights will lack when the weights are loaded (this run's downloads counted)."""
+    if "ip-adapter" in first_run_downloads(args):
+        return []
+    return [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
+
+
+def planned_mode(args):
+    """The mode drp.generate will choose, known before the weights are downloaded or loaded."""
+    if args.mode != "auto":
+        return args.mode
+    return "self-attention" if ip_files_missing(args) else "ip-adapter"
+
+
+def download_weights(folder, what, progress):
+    """The first run: `what` downloaded into `folder` and converted there, saying first what, how big and where."""
+    for line in first_run.announcement(folder, what):
+        print(line)
+    kept = first_run.fetch_and_convert(folder, what, progress=progress)
+    names = " and ".join(first_run.NAMES[w] for w in what)
+    print(f"converted {names} into {folder}; the downloads ({', '.join(map(str, kept))}) can be deleted")
 
 
 def generate_settings(args, mode):
@@ -289,12 +307,20 @@ class WarnOnce:
 
 def run(args):
     demo = with_demo(args)
+    fetching = first_run_downloads(args)
     device, dtype, paths = checked_settings(args)
-    if not args.no_download and not any(p.exists() for p in converted_paths(Path(args.weights))):
-        download_weights(Path(args.weights), progress=not args.no_progress)
+    folder, references = Path(args.weights), bool(args.content or args.style)
+    if "sd15" not in fetching:
+        read_model_json(folder)  # no (complete) converted weights and --no-download: said before anything else
+    mode = planned_mode(args)
+    print(first_line(args, mode, demo))  # the mode that will run, before any download
+    if references and args.mode == "auto" and mode == "self-attention":
+        print(f"(IP-Adapter's files are not in {folder}, so --mode auto runs the self-attention mode; "
+              "`python convert_weights.py --download ip-adapter` adds them, 2.6 GB, for the paper's mode)")
+    if fetching:
+        download_weights(folder, fetching, progress=not args.no_progress)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
-    mode = resolve_mode(sd, args.mode, references=bool(args.content or args.style))  # auto: by the files there
-    print(first_line(args, mode, demo))
+    mode = resolve_mode(sd, args.mode, references=references)  # as planned_mode said: by the files there now
     if args.compile:  # compiled on its first call of each shape and kind of hook, then reused
         print("--compile: the first steps compile the UNet (about a minute on a GPU, more with references)")
         sd.unet.compile()

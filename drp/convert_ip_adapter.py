@@ -17,6 +17,10 @@ Each is a *component* added next to whatever the folder holds (the SD weights, t
 without --force; only replacing the same component needs it. As for SD, the conversion is planned on
 shapes and proven a bijection before a byte is written, and the files appear by `os.replace` only when
 complete, the JSON last: `drp.load` takes a component only when its JSON is there.
+
+`convert_weights.py --download ip-adapter` and sample.py's first run fetch h94/IP-Adapter's files (or
+those under `--ip-adapter-url` / $DRP_IP_ADAPTER_URL, in the same layout) into `<weights>/h94-IP-Adapter/`
+with drp/download.py, all of them before converting any: `planned_downloads`, then `convert_downloads`.
 """
 
 import json
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .download import Planned, fetch
 from .errors import DrpError
 from .ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
 from .model_io import build_module_on_meta
@@ -39,14 +44,29 @@ ENCODER = ("image_encoder.safetensors", "image_encoder.json")
 ENCODER_FILES = ["model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin"]
 # What SD 1.5's IP-Adapters were trained with (h94/IP-Adapter models/image_encoder/config.json).
 VIT_H14 = {"hidden_size": 1280, "projection_dim": 1024, "num_hidden_layers": 32, "patch_size": 14}
+# Where `--download ip-adapter` and sample.py's first run fetch from: another base address in the same
+# layout (models/ip-adapter_sd15.safetensors, models/image_encoder/…) by --ip-adapter-url or this variable.
 REPO = "https://huggingface.co/h94/IP-Adapter/resolve/main/"
+URL_ENV = "DRP_IP_ADAPTER_URL"
+KEEP = "h94-IP-Adapter"  # the downloads are kept in <weights>/h94-IP-Adapter/, in the repository's layout
 DOWNLOADS = {"ip-adapter": "models/ip-adapter_sd15.safetensors",
              "ip-adapter-plus": "models/ip-adapter-plus_sd15.safetensors"}
 ENCODER_DOWNLOAD = ["models/image_encoder/config.json", "models/image_encoder/model.safetensors"]
-# The encoder file's published sha256 (its Git LFS pointer), checked whatever the server states; the
-# other files are checked against the sha256 and size the server states (drp/download.py).
-PINNED_SHA256 = {"models/image_encoder/model.safetensors":
-                 "6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030"}
+# REPO's files as published: (sha256, size in bytes). The encoder's sha256 (its Git LFS pointer) is checked
+# whatever the server states; the others are checked against what the server states (drp/download.py).
+# The sizes say how big a download is before it starts: the encoder's is its LFS pointer's; the adapters'
+# are the safetensors layout of their manifests' fp16 tensors (36 and 83 of them, tests/data/manifests),
+# the 44.6 and 98.2 MB Hugging Face lists; config.json is the published file of 560 bytes.
+PINNED = {"models/ip-adapter_sd15.safetensors": (None, 44_642_768),
+          "models/ip-adapter-plus_sd15.safetensors": (None, 98_183_288),
+          "models/image_encoder/config.json": (None, 560),
+          "models/image_encoder/model.safetensors":
+              ("6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030", 2_528_373_448)}
+WHAT = {"models/ip-adapter_sd15.safetensors": "IP-Adapter ip-adapter_sd15",
+        "models/ip-adapter-plus_sd15.safetensors": "IP-Adapter ip-adapter-plus_sd15",
+        "models/image_encoder/config.json": "its image encoder's config (CLIP ViT-H/14)",
+        "models/image_encoder/model.safetensors": "its image encoder (CLIP ViT-H/14)"}
+ELSEWHERE = f"set {URL_ENV} (convert_weights.py: --ip-adapter-url) to another address of h94/IP-Adapter's files"
 GET_ADAPTER = "get SD 1.5's with `python convert_weights.py --download ip-adapter`"
 
 
@@ -280,24 +300,66 @@ def convert_component(src, out, dtype="fp16", force=False, progress=True):
     return None
 
 
-def download_and_convert(which, out, dtype="fp16", force=False, progress=True, base_url=REPO):
-    """`convert_weights.py --download ip-adapter|ip-adapter-plus`: fetch from h94/IP-Adapter, then convert.
+def ip_adapter_url(url=None):
+    """The base address of h94/IP-Adapter's files: `url` (--ip-adapter-url), else $DRP_IP_ADAPTER_URL, else REPO."""
+    base = url or os.environ.get(URL_ENV) or REPO
+    return base if base.endswith("/") else base + "/"
 
-    The files are kept under `out`/h94-IP-Adapter/ in the repository's layout; the 2.5 GB encoder is
-    fetched only when the folder does not hold a converted one yet.
+
+def components_due(out, force=False):
+    """Which components a download into `out` converts: the adapter unless converted (or `force`), and the
+    encoder unless converted (one encoder serves base and plus, so it is never fetched again)."""
+    out = Path(out)
+    return {"ip_adapter": force or not (out / ADAPTER[1]).is_file(), "image_encoder": not (out / ENCODER[1]).is_file()}
+
+
+def planned_downloads(which, out, base_url=None, force=False):
+    """The drp.download.Planned files a download of `which` into `out` fetches, kept in `out`/h94-IP-Adapter/.
+
+    REPO's files carry their pins; another base address (`base_url`, $DRP_IP_ADAPTER_URL) has none, so
+    its files are checked against what its server states, as for the SD checkpoint's --url.
     """
-    from . import download
+    if which not in DOWNLOADS:
+        raise DrpError(f"download {which!r} is not offered; choose {' or '.join(DOWNLOADS)}.")
+    base, todo = ip_adapter_url(base_url), components_due(out, force)
+    files = ([DOWNLOADS[which]] if todo["ip_adapter"] else []) + (ENCODER_DOWNLOAD if todo["image_encoder"] else [])
+    pins = {f: PINNED[f] if base == REPO else (None, None) for f in files}
+    return [Planned(WHAT[f], base + f, Path(out) / KEEP / f, *pins[f], ELSEWHERE) for f in files]
 
+
+def unfinished(out):
+    """Whether a download of ip-adapter_sd15 into `out` (sample.py's first run, `--download ip-adapter`)
+    stopped before both components were converted: its file, or its `.part`, is there and one is missing."""
+    out = Path(out)
+    kept = out / KEEP / DOWNLOADS["ip-adapter"]
+    return any(components_due(out).values()) and (kept.is_file() or kept.with_name(kept.name + ".part").is_file())
+
+
+def convert_downloads(which, out, dtype="fp16", force=False, progress=True):
+    """Converts what `planned_downloads(which, out, …, force)` fetched into `out`; returns the paths written.
+
+    The adapter goes first, so that the encoder is checked against it (`encoder_config`).
+    """
+    out, todo = Path(out), components_due(out, force)
+    written = []
+    if todo["ip_adapter"]:
+        written += convert_adapter(out / KEEP / DOWNLOADS[which], out, dtype, force, progress)
+    if todo["image_encoder"]:  # force: an encoder's weights without their JSON are a crashed write, not a choice
+        written += convert_encoder((out / KEEP / ENCODER_DOWNLOAD[1]).parent, out, dtype, True, progress)
+    return written
+
+
+def download_and_convert(which, out, dtype="fp16", force=False, progress=True, base_url=None):
+    """`convert_weights.py --download ip-adapter|ip-adapter-plus`: fetch from h94/IP-Adapter (or `base_url`,
+    $DRP_IP_ADAPTER_URL), then convert; returns the paths written.
+
+    Every file is fetched before any is converted, so a refused download leaves the folder as it was; the
+    2.5 GB encoder is fetched only when the folder does not hold a converted one yet.
+    """
     if which not in DOWNLOADS or dtype not in OUT_DTYPES:
         raise DrpError(f"download {which!r} as {dtype!r} is not offered; choose {' or '.join(DOWNLOADS)} "
                        "as fp16 or fp32.")
-    out = Path(out)
     check_can_add(out, ADAPTER, force, "IP-Adapter")  # before, not after, the download
-    keep = out / "h94-IP-Adapter"
-    files = [DOWNLOADS[which]] + ([] if (out / ENCODER[1]).is_file() else ENCODER_DOWNLOAD)
-    fetched = {f: download.download(base_url + f, keep / f, progress=progress, **(
-        {"sha256": PINNED_SHA256[f]} if f in PINNED_SHA256 else {})) for f in files}
-    written = convert_adapter(fetched[DOWNLOADS[which]], out, dtype, force, progress)
-    if ENCODER_DOWNLOAD[1] in fetched:
-        written += convert_encoder(fetched[ENCODER_DOWNLOAD[1]].parent, out, dtype, True, progress)
-    return written
+    for planned in planned_downloads(which, out, base_url, force):
+        fetch(planned, progress=progress)
+    return convert_downloads(which, out, dtype, force, progress)

@@ -1,11 +1,14 @@
-"""Downloading the public SD 1.5 checkpoint with the standard library only: resumable, size- and hash-checked.
+"""Downloading the public weights with the standard library only: resumable, size- and hash-checked.
 
 Where it sits: the first thing a user runs. `convert_weights.py --download`, and `sample.py` when `weights/`
-holds no converted weights, download the single-file checkpoint (`v1-5-pruned-emaonly.safetensors`,
-about 4 GB) with `download`, then convert it into `weights/`.
+holds no converted weights, download the SD 1.5 single-file checkpoint (`v1-5-pruned-emaonly.safetensors`,
+4.3 GB) with `download`, then convert it into `weights/`; `sample.py`'s first run fetches IP-Adapter's
+adapter and image encoder (2.6 GB) the same way.
 
 Which URL: the CLI's `--url` wins over the environment variable `DRP_WEIGHTS_URL`, which wins over
-`DEFAULT_URL` (see `weights_url`).
+`DEFAULT_URL` (see `weights_url`). IP-Adapter's files are fetched with the same `download`; their
+addresses and pins are drp/convert_ip_adapter.py's (`planned_downloads`). A `Planned` download names a
+file before any byte moves, so that a CLI can say what it fetches, how big, and where (`how_big`).
 
 How the file is checked: the default file's published sha256 is pinned here (`DEFAULT_SHA256`), and its
 download must hash to it whatever the server says; the size and the sha256 the server states are checked
@@ -28,6 +31,7 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple, Optional
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
@@ -45,6 +49,8 @@ DEFAULT_SIZE = 4_265_146_304  # bytes (3.97 GiB)
 URL_ENV = "DRP_WEIGHTS_URL"
 CHUNK = 1 << 20  # bytes per read and per hash update
 TIMEOUT_S = 60  # seconds of silence from the server before giving up (a rerun resumes)
+# What a failed download suggests besides a rerun; IP-Adapter's files name their own variable.
+ELSEWHERE = f"pass --url (or set {URL_ENV}) with another address of the checkpoint"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")  # "bytes 1000-1999/2000", total may be "*"
 
@@ -62,6 +68,39 @@ def pinned(url):
 def checkpoint_path(folder, url):
     """Where a download of `url` is kept: `folder`/<the file name in the URL>."""
     return Path(folder) / url.rsplit("/", 1)[-1].split("?")[0]
+
+
+class Planned(NamedTuple):
+    """One file to fetch, named before any byte moves: what it is (for the user), from where, to where."""
+
+    what: str
+    url: str
+    dest: Path
+    sha256: Optional[str]  # pinned: the bytes must hash to it, whatever the server states
+    size: Optional[int]  # published: for saying how big; what the server states is what gets checked
+    elsewhere: str = ELSEWHERE  # what a failed download suggests besides a rerun
+
+
+def planned_checkpoint(folder, url=None):
+    """The SD 1.5 checkpoint's download into `folder`, from `weights_url(url)`."""
+    url = weights_url(url)
+    return Planned("SD 1.5 checkpoint", url, checkpoint_path(folder, url), *pinned(url))
+
+
+def how_big(size):
+    """A size as Hugging Face's pages write it ("4.3 GB", "44.6 MB"), or what is known without one."""
+    if size is None:
+        return "size as the server states"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def fetch(planned, progress=True, timeout=TIMEOUT_S):
+    """`download` of a Planned file; returns its path."""
+    return download(planned.url, planned.dest, progress=progress, timeout=timeout, sha256=planned.sha256,
+                    elsewhere=planned.elsewhere)
 
 
 def sha256_from_etag(value):
@@ -161,10 +200,10 @@ def _fetch(url, part, progress, timeout):
     raise DrpError(f"{url} sent bytes from the wrong offset twice; run the command again or pass --url.")
 
 
-def download(url, dest_path, progress=True, timeout=TIMEOUT_S, sha256=None):
+def download(url, dest_path, progress=True, timeout=TIMEOUT_S, sha256=None, elsewhere=ELSEWHERE):
     """Downloads `url` to `dest_path` (resuming `<dest_path>.part`) and returns the path; an existing
     `dest_path` is returned as is, without any network access. `sha256`, if given (`pinned(url)`), is
-    what the bytes must hash to, whatever the server states."""
+    what the bytes must hash to, whatever the server states; `elsewhere` ends the sentence of a failure."""
     dest = Path(dest_path)
     if dest.exists():
         return dest
@@ -181,8 +220,7 @@ def download(url, dest_path, progress=True, timeout=TIMEOUT_S, sha256=None):
         if isinstance(e, urllib.error.HTTPError):
             reason = f"HTTP {e.code} {e.reason}"
         raise DrpError(
-            f"downloading {url} failed ({reason}); run the same command again to resume, "
-            "or pass --url with another address of the checkpoint."
+            f"downloading {url} failed ({reason}); run the same command again to resume, or {elsewhere}."
         ) from e
     got = part.stat().st_size
     if size is not None and got < size:  # the connection closed early: keep the bytes for a resume

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import drp
 from drp import convert_ip_adapter as cia
@@ -19,6 +19,7 @@ from drp.ip_adapter import attn2_layers, file_index
 from drp.unet import UNetConfig
 from drp.weight_files import Source
 from ip_checkpoints import FILES, adapter_file, reference_encoder, write_h94_folder
+from local_server import FileHost, serving_files
 from manifests import MANIFESTS, read_manifest
 from tiny import tiny_weights_dir
 
@@ -198,8 +199,9 @@ def test_cli_download_fetches_the_adapter_and_encoder_from_h94_then_converts(fil
     import drp.download
 
     out, fetched = folder(files, tmp_path), []
+    monkeypatch.delenv("DRP_IP_ADAPTER_URL", raising=False)
 
-    def fake_download(url, dest, progress=True, sha256=None):
+    def fake_download(url, dest, progress=True, sha256=None, **kwargs):
         fetched.append(url)
         assert (sha256 is not None) == url.endswith("image_encoder/model.safetensors")  # the one pinned hash
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -218,3 +220,82 @@ def test_cli_download_fetches_the_adapter_and_encoder_from_h94_then_converts(fil
     assert cli.main(["--download", "ip-adapter-plus", "--out", str(out), "--force"]) == 0
     assert fetched[3:] == [cia.REPO + "models/ip-adapter-plus_sd15.safetensors"]  # the encoder is not fetched again
     assert drp.load(out).ip_adapter.kind == "plus"
+
+
+@pytest.fixture
+def mirror(files):
+    """A local host with h94's files (tiny) under /mirror/, each with its sha256 in its ETag."""
+    served = {f"/mirror/models/{p.relative_to(files[1]).as_posix()}": p.read_bytes()
+              for p in sorted(files[1].rglob("*")) if p.is_file()}
+    with serving_files(FileHost(served)) as host:
+        yield host
+
+
+def test_cli_download_from_ip_adapter_url_or_the_environment_checks_the_hash_its_server_states(
+        files, tmp_path, mirror, monkeypatch, capsys):
+    out = folder(files, tmp_path)
+    monkeypatch.delenv("DRP_IP_ADAPTER_URL", raising=False)
+    cli = load_cli()
+    assert cli.main(["--download", "ip-adapter", "--ip-adapter-url", mirror.url + "/mirror/", "--out", str(out),
+                     "--dtype", "fp32"]) == 0
+    assert mirror.paths() == ["/mirror/models/ip-adapter_sd15.safetensors", "/mirror/models/image_encoder/config.json",
+                              "/mirror/models/image_encoder/model.safetensors"]
+    sd = drp.load(out)
+    assert sd.ip_adapter.kind == "base" and sd.image_encoder.cfg.dim == 64
+    assert (out / "h94-IP-Adapter/models/ip-adapter_sd15.safetensors").read_bytes() == \
+        (files[1] / f"{FILES['base']}.safetensors").read_bytes()
+
+    plus = "/mirror/models/ip-adapter-plus_sd15.safetensors"
+    mirror.stated[plus] = "0" * 64  # the environment's host states another file's hash
+    monkeypatch.setenv("DRP_IP_ADAPTER_URL", mirror.url + "/mirror")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["--download", "ip-adapter-plus", "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err
+    err = err[err.index("error: "):]  # after the progress bars
+    assert err.startswith(f"error: the file downloaded from {mirror.url}{plus} is corrupted (sha256 ")
+    assert err.endswith(f" instead of {'0' * 64}), so {out / 'h94-IP-Adapter'}/models/ip-adapter-plus_sd15"
+                        ".safetensors.part was deleted; run the command again to download it afresh.\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the base adapter stays
+    assert mirror.paths()[-1] == plus  # the encoder, converted already, was not fetched again
+
+
+def test_ip_adapter_url_option_else_environment_else_h94_and_only_h94_files_carry_pins(tmp_path, monkeypatch):
+    monkeypatch.delenv("DRP_IP_ADAPTER_URL", raising=False)
+    assert cia.ip_adapter_url() == cia.REPO
+    monkeypatch.setenv("DRP_IP_ADAPTER_URL", "http://mirror/env")
+    assert cia.ip_adapter_url() == "http://mirror/env/"  # the slash of a base address added
+    assert cia.ip_adapter_url("http://mirror/flag/") == "http://mirror/flag/"
+    from_mirror = cia.planned_downloads("ip-adapter", tmp_path)
+    assert [p.url for p in from_mirror] == ["http://mirror/env/models/ip-adapter_sd15.safetensors",
+                                            "http://mirror/env/models/image_encoder/config.json",
+                                            "http://mirror/env/models/image_encoder/model.safetensors"]
+    assert {(p.sha256, p.size) for p in from_mirror} == {(None, None)}  # checked against what the server states
+    monkeypatch.delenv("DRP_IP_ADAPTER_URL")
+    from_h94 = cia.planned_downloads("ip-adapter", tmp_path)
+    assert [p.dest for p in from_h94] == [tmp_path / "h94-IP-Adapter" / f for f in (
+        "models/ip-adapter_sd15.safetensors", "models/image_encoder/config.json",
+        "models/image_encoder/model.safetensors")]
+    assert [p.sha256 for p in from_h94] == [None, None,
+                                            "6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030"]
+    assert sum(p.size for p in from_h94) == 2_573_016_776  # 2.6 GB: the README's figure
+
+
+@pytest.mark.parametrize("name, path", [
+    ("ip_adapter_sd15_manifest.tsv", "models/ip-adapter_sd15.safetensors"),
+    ("ip_adapter_plus_sd15_manifest.tsv", "models/ip-adapter-plus_sd15.safetensors")])
+def test_the_pinned_adapter_sizes_are_those_of_their_manifests_tensors_in_fp16_safetensors(tmp_path, name, path):
+    tensors = {k: torch.zeros(s, dtype=torch.float16) for k, s in manifest(name).items()}
+    save_file(tensors, str(tmp_path / "a.safetensors"))  # as published: no metadata
+    assert (tmp_path / "a.safetensors").stat().st_size == cia.PINNED[path][1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--download", "--ip-adapter-url", "http://mirror/h94/"], "--ip-adapter-url only makes sense with --download ip"),
+    (["x.safetensors", "--ip-adapter-url", "http://mirror/h94/"], "--ip-adapter-url only makes sense with --download"),
+    (["--download", "ip-adapter", "--url", "http://mirror/sd.safetensors"], "give IP-Adapter's address with --ip"),
+])
+def test_cli_addresses_for_the_other_download_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_cli().main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

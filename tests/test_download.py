@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from drp.convert_ip_adapter import planned_downloads
+from drp import download as dl
 from drp.download import DEFAULT_URL, download, sha256_from_etag, weights_url
 from drp.errors import DrpError
 from local_server import TIMEOUT_S, QuietHandler, serving
@@ -202,6 +204,30 @@ def test_network_errors_name_the_url_and_suggest_a_rerun_or_url(host, tmp_path):
         assert url in str(err.value) and "again" in str(err.value) and "--url" in str(err.value)
     assert "HTTP 404" in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_ip_adapter_download_names_its_own_address_variable(host, tmp_path):
+    planned = planned_downloads("ip-adapter", tmp_path, base_url=host.url + "/missing/")[0]
+    with pytest.raises(DrpError) as err:
+        dl.fetch(planned, progress=False, timeout=TIMEOUT_S)
+    assert str(err.value) == (f"downloading {host.url}/missing/models/ip-adapter_sd15.safetensors failed (HTTP 404 "
+                              "Not Found); run the same command again to resume, or set DRP_IP_ADAPTER_URL "
+                              "(convert_weights.py: --ip-adapter-url) to another address of h94/IP-Adapter's files.")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_sizes_are_said_as_hugging_face_lists_them():
+    assert [dl.how_big(n) for n in (dl.DEFAULT_SIZE, 44_642_768, 1_500, 560, None)] == [
+        "4.3 GB", "44.6 MB", "1.5 kB", "560 bytes", "size as the server states"]
+
+
+def test_the_planned_checkpoint_is_the_default_file_with_its_pins_and_another_address_has_none(monkeypatch, tmp_path):
+    monkeypatch.delenv("DRP_WEIGHTS_URL", raising=False)
+    default = dl.planned_checkpoint(tmp_path)
+    assert (default.url, default.dest, default.sha256, default.size) == (
+        DEFAULT_URL, tmp_path / "v1-5-pruned-emaonly.safetensors", dl.DEFAULT_SHA256, dl.DEFAULT_SIZE)
+    other = dl.planned_checkpoint(tmp_path, "http://mirror/sd.safetensors?download=1")
+    assert (other.dest, other.sha256, other.size) == (tmp_path / "sd.safetensors", None, None)
 
 
 def test_sha256_is_read_from_quoted_or_weak_etags_and_other_etags_are_ignored():

@@ -170,6 +170,33 @@ def test_cuda_on_a_machine_without_it_is_refused_before_loading(weights, tmp_pat
     assert capsys.readouterr().err == expected
 
 
+def test_only_a_folder_without_converted_weights_is_downloaded_into_and_ip_adapter_unless_self_attention(
+        weights, tmp_path):
+    def downloads(folder, *more):
+        return sample.first_run_downloads(sample.parse_args(["--weights", str(folder), *more]))
+
+    fresh = tmp_path / "fresh"
+    assert downloads(fresh) == ["sd15", "ip-adapter"]
+    assert downloads(fresh, "--mode", "ip-adapter", "--prompt", "a cat") == ["sd15", "ip-adapter"]
+    assert downloads(fresh, "--mode", "self-attention") == ["sd15"]
+    assert downloads(fresh, "--no-download") == []
+    assert downloads(weights) == [] and downloads(weights, "--mode", "ip-adapter") == []  # SD there: not added to
+
+
+def test_on_a_fresh_folder_ip_adapter_flags_pass_the_checks_unless_the_run_fetches_sd_alone(tmp_path):
+    def checked(*more):
+        args = sample.parse_args(["--weights", str(tmp_path / "fresh"), "--out", str(tmp_path), *more])
+        sample.with_demo(args)
+        return sample.checked_settings(args)
+
+    checked("--mode", "ip-adapter")  # the demo: its first run fetches IP-Adapter, so nothing is missing
+    checked("--ip-image", str(ROOT / "assets/chelsea.png"))
+    with pytest.raises(DrpError, match=r"^--ip-image needs IP-Adapter's files, and .*fresh lacks ip_adapter.json, "
+                                       r"image_encoder.json; add them with `python convert_weights.py --download"):
+        checked("--ip-image", str(ROOT / "assets/chelsea.png"), "--mode", "self-attention")
+    assert list(tmp_path.iterdir()) == []  # nothing fetched, nothing written
+
+
 @pytest.mark.parametrize("value", ["abc", "nan", "inf"])
 def test_a_guidance_that_is_not_a_number_is_a_usage_error(value, capsys):
     with pytest.raises(SystemExit) as e:
