@@ -28,10 +28,12 @@ from drp.devices import resolve_device, resolve_dtype
 from drp.download import checkpoint_path, download, pinned, weights_url
 from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
+from drp.dual_reference_ip import check_options
 from drp.errors import DrpError
 from drp.images import load_image
 from drp.ip_adapter import attn2_layers, resolve_scale
-from drp.method_common import MODES, resolve_mode
+from drp.method_common import MODES, check_switch_step, resolve_mode
+from drp.model_io import read_model_json
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
@@ -43,6 +45,12 @@ DEMO = {"prompt": "a cat sitting on a beach, in the style of a painting", "subje
 DEFAULT_OUT = "outputs"
 DEFAULT_SEED = 42
 MAX_SEED = 2**32 - 1  # the range of seeds the web UIs show
+IP_SCALE = 0.6  # --ip-scale's default, as drp.generate's ip_scale
+# Each DRP-Diff mode's own flags (their argparse names). A flag of the mode that does not run is refused.
+IP_FLAGS = ("rank_energy", "rank_rule", "floor", "power", "scale_early", "scale_late", "late", "no_bg_prompt",
+            "bg_placeholder", "ip_layers", "filter_values")
+SELF_ATTENTION_FLAGS = ("layers", "no_masks", "style_caption", "content_mask", "style_mask", "cache_dir", "no_cache")
+BOTH_MODES_FLAGS = ("switch_step", "fixed_switch")  # --subject too, which warns where nothing uses it
 
 
 def number(text):
@@ -93,43 +101,57 @@ def parse_args(argv=None):
     d.add_argument("--content-mask", metavar="IMG", help="white = the subject in --content (default: found by SD)")
     d.add_argument("--style-mask", metavar="IMG", help="white = the foreground of --style (default: found by SD)")
     d.add_argument("--switch-step", type=int, metavar="N",
-                   help="the step where the late stage starts (default: from the references' entropies)")
+                   help="the step where the late stage starts, either mode (default: from the references' entropies)")
     d.add_argument("--report", metavar="FILE.png", help="also draw the masks, the numbers and the result into FILE.png")
-    d.add_argument("--cache-dir", metavar="DIR",
-                   help="where reference inversions are kept (default: $DRP_CACHE_DIR, else ~/.cache/drp)")
-    d.add_argument("--no-cache", action="store_true", help="invert the references again, and keep nothing")
-    d.add_argument("--clear-cache", action="store_true", help="empty the cache folder first")
-    d.add_argument("--no-masks", action="store_true", help="ablation: every reference token everywhere")
-    d.add_argument("--fixed-switch", action="store_true", help="ablation: switch at half the steps")
-    d.add_argument("--layers", default=",".join(Options().layers), metavar="BLOCKS",
-                   help="comma-separated UNet blocks whose self-attention sees the references (default: %(default)s)")
-    d.add_argument("--style-caption", default="", metavar="TEXT", help="caption to invert --style with (default: none)")
+    d.add_argument("--fixed-switch", action="store_true", default=None,
+                   help="ablation, either mode: switch at half the steps")
     d.add_argument("--mode", choices=MODES, default="auto",
                    help="how the references enter the image: self-attention (SD 1.5 alone, masks from inverted "
                         "references), ip-adapter (the paper's: image tokens in the cross-attention, an SVD split of "
                         "the image keys; needs `python convert_weights.py --download ip-adapter`), or auto "
                         "(default): ip-adapter when its files are in --weights")
 
+    # Flags of one mode default to None, so that a flag given to the other mode is an error, not ignored.
+    a = p.add_argument_group("DRP-Diff in self-attention (--mode self-attention; see docs/ALGORITHM.md)")
+    a.add_argument("--layers", metavar="BLOCKS", help="comma-separated UNet blocks whose self-attention sees the "
+                                                      f"references (default: {','.join(Options().layers)})")
+    a.add_argument("--no-masks", action="store_true", default=None, help="ablation: every reference token everywhere")
+    a.add_argument("--style-caption", metavar="TEXT", help="caption to invert --style with (default: none)")
+    a.add_argument("--cache-dir", metavar="DIR",
+                   help="where reference inversions are kept (default: $DRP_CACHE_DIR, else ~/.cache/drp)")
+    a.add_argument("--no-cache", action="store_true", default=None, help="invert the references again, and keep nothing")
+    a.add_argument("--clear-cache", action="store_true", help="empty the cache folder first (any mode)")
+
     m = p.add_argument_group("DRP-Diff on IP-Adapter (--mode ip-adapter; see docs/ALGORITHM_IP_ADAPTER.md)")
-    ip_defaults = IPOptions()
-    m.add_argument("--rank-energy", type=number, default=ip_defaults.rank_energy, metavar="E",
-                   help="share of the singular values' energy that counts as foreground (default: %(default)s)")
-    m.add_argument("--rank-rule", choices=("energy", "gd"), default=ip_defaults.rank_rule,
-                   help="split the spectrum by --rank-energy or by the Gavish-Donoho threshold (default: %(default)s)")
-    m.add_argument("--scale-early", type=number, default=ip_defaults.scale_early, metavar="S",
-                   help="image-attention scale of the early stage (default: %(default)s)")
-    m.add_argument("--scale-late", type=number, default=ip_defaults.scale_late, metavar="S",
-                   help="image-attention scale of the late stage (default: %(default)s)")
-    m.add_argument("--late", choices=("both", "style-only"), default=ip_defaults.late,
-                   help="late-stage image tokens: both references, or the style's alone (default: %(default)s)")
-    m.add_argument("--no-bg-prompt", action="store_true",
-                   help="ablation: keep the subject's words in the early stage's text")
+    ip = IPOptions()
+    m.add_argument("--rank-energy", type=number, metavar="E", help="share of the singular values' energy Σσ² "
+                   f"that counts as foreground, in (0, 1] (default: {ip.rank_energy})")
+    m.add_argument("--rank-rule", choices=("energy", "gd"),
+                   help=f"split the spectrum by --rank-energy or by the Gavish-Donoho threshold (default: {ip.rank_rule})")
+    m.add_argument("--floor", type=number, metavar="E", help="ε of the style matrix W̄: σ below ε·σ_1 are re-weighted "
+                   f"as ε·σ_1, so the tilt is at most ε^-p (default: {ip.floor})")
+    m.add_argument("--power", type=number, metavar="P", help="p of W̄'s weights σ·σ^-p: 2 = 1/σ, 1 = the polar factor, "
+                   f"0 = the adapter's keys (default: {ip.power})")
+    m.add_argument("--scale-early", type=ip_scale, metavar="S", help="image-attention scale of the early stage: a "
+                   f"number, or per block as --ip-scale takes it (default: {ip.scale_early})")
+    m.add_argument("--scale-late", type=ip_scale, metavar="S",
+                   help=f"image-attention scale of the late stage, the same way (default: {ip.scale_late})")
+    m.add_argument("--late", choices=("both", "style-only"),
+                   help=f"late-stage image tokens: both references, or the style's alone (default: {ip.late})")
+    m.add_argument("--no-bg-prompt", action="store_true", default=None,
+                   help="ablation: keep the subject's words in the early stage's text (C_bg = the full prompt)")
+    m.add_argument("--bg-placeholder", metavar="TEXT",
+                   help="what replaces the subject's words in the early stage's text C_bg (default: nothing)")
+    m.add_argument("--ip-layers", metavar="BLOCKS", help="comma-separated blocks or attn2 layers with image attention, "
+                                                         "e.g. up_blocks.1,mid_block (default: every attn2 layer)")
+    m.add_argument("--filter-values", action="store_true", default=None,
+                   help="ablation: the early stage's values also leave out the background directions (default: off)")
 
     i = p.add_argument_group("IP-Adapter image prompt (after `python convert_weights.py --download ip-adapter`)")
     i.add_argument("--ip-image", action="append", metavar="IMG",
                    help="a picture to prompt with; repeat for several (they share one attention)")
-    i.add_argument("--ip-scale", type=ip_scale, default=0.6, metavar="S",
-                   help="how strongly the picture counts: a number (default: %(default)s), or per block, "
+    i.add_argument("--ip-scale", type=ip_scale, metavar="S",
+                   help=f"how strongly the picture counts: a number (default: {IP_SCALE}), or per block, "
                         "e.g. up_blocks.1=1.0 (style only) or down_blocks.2=1,mid_block=1 (layout); "
                         "blocks not named get 0")
 
@@ -211,24 +233,102 @@ def checked_settings(args):
             load_image(getattr(args, name), what)  # unreadable, empty or huge -> DrpError
     for image in args.ip_image or []:
         load_image(image, "IP-Adapter image")
-    if args.ip_image:
-        resolve_scale(args.ip_scale, list(attn2_layers()))  # a block SD 1.5 does not have: DrpError
-    missing = [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
-    ip_mode = args.mode == "ip-adapter" or args.mode == "auto" and not missing  # as drp.generate will choose
-    if ip_mode and (args.content or args.style) and (args.content_mask or args.style_mask):
+    if args.ip_image and (args.content or args.style):
+        raise DrpError("--ip-image is a plain image prompt and cannot be combined with --content/--style; give the "
+                       "pictures as --content and --style (the ip-adapter mode puts them in the cross-attention).")
+    if args.ip_scale is not None and not args.ip_image:
+        raise DrpError("--ip-scale is the scale of the --ip-image prompt, and no --ip-image was given; add one, or "
+                       "drop --ip-scale (DRP-Diff's stages have --scale-early and --scale-late).")
+    if args.ip_image and args.ip_scale is not None:
+        resolve_scale(args.ip_scale, unet_layer_names(args.weights))  # a block the UNet does not have: DrpError
+    mode, why = planned_mode(args)
+    if mode == "ip-adapter" and (args.content_mask or args.style_mask):
         raise DrpError("the ip-adapter mode splits foreground from background spectrally and takes no masks; "
                        "drop --content-mask/--style-mask or add --mode self-attention.")
-    needs_ip = "--ip-image" if args.ip_image else "--mode ip-adapter" if args.mode == "ip-adapter" and (
-        args.content or args.style) else None  # (without references --mode ip-adapter is plain text-to-image)
-    if needs_ip and missing:
+    missing = ip_files_missing(args.weights)
+    needs_ip = "--ip-image" if args.ip_image else "--mode ip-adapter" if args.mode == "ip-adapter" and mode else None
+    if needs_ip and missing:  # (without references --mode ip-adapter is plain text-to-image)
         raise DrpError(f"{needs_ip} needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
                        "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    check_mode_settings(args, mode, why)
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
         check_folder(Path(args.report).parent, "report")
     paths = output_paths(args.out, [args.seed + k for k in range(args.num_images)])
     return device, dtype, paths
+
+
+def ip_files_missing(weights):
+    """The IP-Adapter files that `convert_weights.py --download ip-adapter` would add to `weights`."""
+    return [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(weights) / f).is_file()]
+
+
+def planned_mode(args):
+    """The DRP-Diff mode the command will run, as drp.generate will choose it, before any weights are read:
+    (None without references, or the mode; and for --mode auto, why it chose that one)."""
+    if not (args.content or args.style):
+        return None, ""
+    if args.mode != "auto":
+        return args.mode, ""
+    missing = ip_files_missing(args.weights)
+    if missing:
+        return "self-attention", f"--mode auto chose self-attention because {args.weights} lacks {', '.join(missing)}"
+    return "ip-adapter", f"--mode auto chose ip-adapter because IP-Adapter's files are in {args.weights}"
+
+
+def unet_layer_names(weights):
+    """The attn2 layer names of the UNet converted in `weights` (SD 1.5's when there is none yet), from model.json."""
+    try:
+        return list(attn2_layers(read_model_json(weights)[1]["unet"]))
+    except DrpError:  # not converted yet (the first run downloads SD 1.5), or broken: drp.load will say so
+        return list(attn2_layers())
+
+
+def check_mode_settings(args, mode, why=""):
+    """A flag of the DRP-Diff mode that does not run is an error naming the flag and its mode, never ignored;
+    the ip-adapter mode's knobs are checked as drp.generate will check them."""
+    def given(names):  # --cache-dir names the folder --clear-cache empties, in any mode
+        return ["--" + n.replace("_", "-") for n in names
+                if getattr(args, n) is not None and not (n == "cache_dir" and args.clear_cache)]
+
+    if mode is None:
+        for flag in given(IP_FLAGS + SELF_ATTENTION_FLAGS + BOTH_MODES_FLAGS):
+            raise DrpError(f"{flag} is a setting of DRP-Diff, which runs only with references; add --content or "
+                           f"--style, or drop {flag}.")
+        return
+    if args.fixed_switch and args.switch_step is not None:
+        raise DrpError("--fixed-switch and --switch-step both choose the switch step; give one of them.")
+    for kind in ("content", "style"):
+        if getattr(args, f"{kind}_mask") and not getattr(args, kind):
+            raise DrpError(f"--{kind}-mask is the mask of --{kind}, and no --{kind} was given; add it, or drop the mask.")
+    other = "self-attention" if mode == "ip-adapter" else "ip-adapter"
+    for flag in given(SELF_ATTENTION_FLAGS if mode == "ip-adapter" else IP_FLAGS):
+        if not why:
+            raise DrpError(f"{flag} is a setting of the {other} mode, not of --mode {mode}; drop it, or use "
+                           f"--mode {other}.")
+        how = ("get IP-Adapter's files with `python convert_weights.py --download ip-adapter`" if other == "ip-adapter"
+               else "add --mode self-attention")
+        raise DrpError(f"{flag} is a setting of the {other} mode, and {why}; {how}, or drop {flag}.")
+    check_switch_step(args.switch_step, args.steps)
+    if mode == "ip-adapter":  # every knob, against the UNet's layer names
+        check_options(IPOptions(**ip_knobs(args)), unet_layer_names(args.weights))
+
+
+def ip_knobs(args):
+    """The ip-adapter mode's knobs given on the command line (drp/dual_reference_ip.py, Options); the rest default."""
+    knobs = dict(rank_energy=args.rank_energy, rank_rule=args.rank_rule, floor=args.floor, power=args.power,
+                 scale_early=args.scale_early, scale_late=args.scale_late, late=args.late,
+                 bg_prompt=False if args.no_bg_prompt else None, bg_placeholder=args.bg_placeholder,
+                 ip_layers=args.ip_layers, filter_values=args.filter_values, fixed_switch=args.fixed_switch)
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
+def self_attention_knobs(args):
+    """The self-attention mode's knobs given on the command line (drp/dual_reference.py, Options)."""
+    knobs = dict(layers=args.layers, use_masks=False if args.no_masks else None, style_caption=args.style_caption,
+                 cache_dir=args.cache_dir, use_cache=False if args.no_cache else None, fixed_switch=args.fixed_switch)
+    return {k: v for k, v in knobs.items() if v is not None}
 
 
 def download_weights(folder, progress):
@@ -246,20 +346,17 @@ def download_weights(folder, progress):
 
 
 def generate_settings(args, mode):
-    """The keyword arguments of drp.generate for this command line, with the options of the chosen mode."""
+    """The keyword arguments of drp.generate for this command line, with the knobs of the chosen mode."""
     settings = dict(
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, eta=args.eta, num_images=args.num_images, progress=not args.no_progress,
         content=args.content, style=args.style, subject=args.subject, content_mask=args.content_mask,
         style_mask=args.style_mask, switch_step=args.switch_step, tiled_decode=args.tiled_decode,
-        ip_image=args.ip_image, ip_scale=args.ip_scale, mode=mode, fixed_switch=args.fixed_switch,
+        ip_image=args.ip_image, ip_scale=IP_SCALE if args.ip_scale is None else args.ip_scale, mode=mode,
     )
-    if mode == "ip-adapter":  # drp/dual_reference_ip.py, Options
-        return settings | dict(rank_energy=args.rank_energy, rank_rule=args.rank_rule, scale_early=args.scale_early,
-                               scale_late=args.scale_late, late=args.late, bg_prompt=not args.no_bg_prompt)
-    return settings | dict(  # drp/dual_reference.py, Options
-        layers=args.layers, use_masks=not args.no_masks, style_caption=args.style_caption, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache)
+    if not (args.content or args.style):
+        return settings
+    return settings | (ip_knobs(args) if mode == "ip-adapter" else self_attention_knobs(args))
 
 
 def first_line(args, mode, demo):
@@ -294,6 +391,8 @@ def run(args):
         download_weights(Path(args.weights), progress=not args.no_progress)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
     mode = resolve_mode(sd, args.mode, references=bool(args.content or args.style))  # auto: by the files there
+    if (args.content or args.style) and mode != planned_mode(args)[0]:  # the first run's download changed it
+        check_mode_settings(args, mode, f"--mode auto chose {mode} with the weights in {args.weights}")
     print(first_line(args, mode, demo))
     if args.compile:  # compiled on its first call of each shape and kind of hook, then reused
         print("--compile: the first steps compile the UNet (about a minute on a GPU, more with references)")

@@ -1,0 +1,430 @@
+"""DRP-Diff on IP-Adapter, rule by rule: the pipeline against an independent computation of part B.
+
+ALGORITHM_IP_ADAPTER.md B1 and B2 are computed again here from their text — the SVD split in float64
+with numpy (numpy's median), each stage's group, the text schedule C_bg / C_te, the entropy switch of
+ALGORITHM.md §4 from the pictures' grey levels — and run through the same UNet with an attention hook
+written here (explicit softmax). `generate` must give the same latents for every reference combination
+and knob (invariant B4.7), and each knob must move them, so that breaking any single rule of B1/B2 in
+drp/dual_reference_ip.py or drp/svd_keys.py fails a test here. The models are tiny and random
+(tests/tiny.py); 4 steps at 64 px keep every run well under a second.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import drp
+from checkpoints import randomize_
+from drp import ddim, dual_reference_ip as dri
+from drp.ip_adapter import IPAdapter
+from drp.sampling import encode_text
+from drp.vision import VisionTransformer, clip_pixels
+from ip_checkpoints import ENCODER, adapter_config
+from tiny import tiny_sd
+
+SIZE, STEPS, GUIDANCE = 64, 4, 7.5
+PROMPT = "a cat sitting on the beach"
+# relative to the largest value: the pipeline's float32 SVD against the float64 split here, the image
+# attention fused against an explicit softmax, the encoder run on two pictures against one at a time;
+# measured 3e-6 (2e-5 with filter_values) on an AMD EPYC, one thread
+LATENT_TOL = 1e-4
+MATRIX_TOL = 1e-4
+MOVED = 20 * LATENT_TOL  # a knob that matters moves the latents by far more than the tolerance
+
+
+def grey_picture(levels, seed=None):
+    """A 512² grey picture where each of `levels` grey levels covers the same area: exactly log2(levels) bits.
+
+    Without a seed the levels form a vertical ramp (a smooth picture); with one, they are shuffled (noise).
+    """
+    values = np.repeat(np.arange(levels) * (256 // levels), 512 * 512 // levels).astype(np.uint8)
+    if seed is not None:
+        values = np.random.default_rng(seed).permutation(values)
+    grey = values.reshape(512, 512)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1))
+
+
+CONTENT, STYLE = grey_picture(128), grey_picture(64, seed=1)  # H_cu = 7 bits, H_st = 6 bits
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """Tiny SD with a tiny random base IP-Adapter and image encoder, in memory."""
+    sd = tiny_sd()
+    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
+    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
+    return sd
+
+
+def noise():
+    return torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+
+
+def relative(a, b):
+    """max |a − b| over max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --- B1 and B2, written again from the spec ---------------------------------------------------------------
+
+
+_SVDS = {}  # numpy's SVD of each weight, by identity: the runs below split the same 16 weights many times
+
+
+def own_svd(w):
+    if id(w) not in _SVDS:
+        _SVDS[id(w)] = w, np.linalg.svd(w.detach().double().numpy(), full_matrices=False)
+    return _SVDS[id(w)][1]
+
+
+def own_split(w, rank_energy=0.5, rank_rule="energy", floor=0.05, power=2):
+    """B1 in float64: (k, W_fg, W̄, V_bg) of one key weight (d, 768)."""
+    U, S, Vh = own_svd(w)
+    if rank_rule == "gd":  # σ_i > ω(β)·median σ, β = r / max(d, 768)
+        beta = len(S) / max(w.shape)
+        omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+        k = max(int((S > omega * np.median(S)).sum()), 1)
+    else:  # the smallest k with Σ_{i≤k} σ_i² ≥ e·Σσ²
+        share = np.cumsum(S**2) / (S**2).sum()
+        k = 1 + next(i for i, x in enumerate(share) if x >= rank_energy - 1e-12)
+    fg = (U[:, :k] * S[:k]) @ Vh[:k]
+    weights = S * np.maximum(S, floor * S[0]) ** (-power)
+    bar = (U * (weights * np.linalg.norm(S) / np.linalg.norm(weights))) @ Vh
+    return k, fg, bar, Vh[k:]
+
+
+def own_entropy(picture):
+    """ALGORITHM.md §4 for a 512² grey picture: the entropy of its 256-bin histogram, in bits."""
+    grey = np.asarray(picture)[..., 0]
+    assert grey.shape == (512, 512) and (np.asarray(picture) == grey[..., None]).all()
+    p = np.bincount(grey.ravel(), minlength=256) / grey.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def own_switch(content, style, steps, fixed_switch=False):
+    """N_e of ALGORITHM.md §4: α from ρ = H_cu/H_st with κ = 6 (0.5 content only, 0.3 style only)."""
+    if content is not None and style is not None:
+        rho = own_entropy(content) / own_entropy(style)
+        alpha = 0.5 if fixed_switch else 0.2 + 0.6 * rho**6 / (1 + rho**6)
+    else:
+        alpha = 0.5 if content is not None else 0.3
+    return min(max(math.floor(alpha * steps + 0.5), 1), steps - 1)
+
+
+def own_scale(scale, layers):
+    """A stage's scale per layer: a number everywhere, or the longest block name each layer lies in (else 0)."""
+    if not isinstance(scale, dict):
+        return {n: float(scale) for n in layers}
+    within = {n: [b for b in scale if n == b or n.startswith(b + ".")] for n in layers}
+    return {n: float(scale[max(bs, key=len)]) if bs else 0.0 for n, bs in within.items()}
+
+
+class OwnHook:
+    """B2's image attention: one softmax over a group's tokens, each part with its own key/value matrices."""
+
+    def __init__(self, parts, scale):
+        self.parts, self.scale = parts, scale  # parts: [(tokens (2, T, C), {layer: W_k}, {layer: W_v})]
+
+    def __call__(self, attn, q, k, v, call):
+        out = F.scaled_dot_product_attention(q, k, v)
+        s = self.scale.get(call.name, 0.0)
+        if not call.is_cross or s == 0:
+            return out
+        heads = lambda x: x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (2, T, h·d) -> (2, h, T, d)
+        keys = heads(torch.cat([t @ wk[call.name].T for t, wk, _ in self.parts], dim=1))
+        values = heads(torch.cat([t @ wv[call.name].T for t, _, wv in self.parts], dim=1))
+        weights = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return out + s * (weights @ values)
+
+
+def own_run(sd, content=None, style=None, subject=None, switch_step=None, rank_energy=0.5, rank_rule="energy",
+            floor=0.05, power=2, scale_early=0.6, scale_late=0.6, bg_prompt=True, bg_placeholder="", late="both",
+            ip_layers=None, fixed_switch=False, filter_values=False):
+    """The latents of B2's table, computed without drp/dual_reference_ip.py and drp/svd_keys.py."""
+    adapter, encoder = sd.ip_adapter, sd.image_encoder
+    layers = [n for n in adapter.layer_names
+              if ip_layers is None or any(n == b or n.startswith(b + ".") for b in ip_layers)]
+    split = {n: own_split(adapter.key_weight(n), rank_energy, rank_rule, floor, power) for n in layers}
+    f32 = lambda m: torch.from_numpy(np.ascontiguousarray(m)).float()
+    w_fg, w_bar = ({n: f32(s[i]) for n, s in split.items()} for i in (1, 2))
+    w_v = {n: adapter.value_weight(n) for n in layers}
+    v_bg = {n: s[3] for n, s in split.items()}
+    w_v_early = {n: f32(w_v[n].double().numpy() @ (np.eye(w_v[n].shape[1]) - v_bg[n].T @ v_bg[n]))
+                 for n in layers} if filter_values else w_v
+
+    with torch.no_grad():
+        uncond = adapter.uncond_tokens(encoder)  # the unconditional rows see 'no image' (part A)
+        rows = {kind: torch.cat([uncond, adapter.image_tokens(encoder, clip_pixels([x], size=ENCODER.image_size))])
+                for kind, x in (("content", content), ("style", style)) if x is not None}
+    early = [(rows[kind], w_fg, w_v_early) for kind in rows]
+    if content is not None and style is not None:
+        late_parts = ([(rows["content"], w_fg, w_v)] if late == "both" else []) + [(rows["style"], w_bar, w_v)]
+    else:
+        late_parts = [(rows["content"], w_fg, w_v)] if content is not None else [(rows["style"], w_bar, w_v)]
+    hooks = [OwnHook(early, own_scale(scale_early, layers)), OwnHook(late_parts, own_scale(scale_late, layers))]
+
+    words = [bg_placeholder if w == subject else w for w in PROMPT.split()]
+    c_bg = " ".join(w for w in words if w) if bg_prompt and subject and content is not None else None
+    texts = [encode_text(sd, ["", c_bg if c_bg is not None else PROMPT]), encode_text(sd, ["", PROMPT])]
+    n_e = switch_step if switch_step is not None else own_switch(content, style, STEPS, fixed_switch)
+
+    alphas, x = ddim.alphas_cumprod(), noise()
+    for i, (t, t_prev) in enumerate(ddim.ddim_pairs(STEPS)):
+        stage = int(i >= n_e)
+        with torch.no_grad():
+            eps = sd.unet(torch.cat([x, x]), t, texts[stage], hooks[stage]).float()
+        eps_uncond, eps_text = eps.chunk(2)
+        x = ddim.ddim_step(x, eps_uncond + GUIDANCE * (eps_text - eps_uncond), t, t_prev, alphas)
+    return x
+
+
+def run(sd, **kw):
+    kw = {"mode": "ip-adapter", **kw}
+    return drp.generate(sd, PROMPT, steps=STEPS, height=SIZE, width=SIZE, guidance=GUIDANCE, latents=noise(),
+                        progress=False, **kw)
+
+
+# --- invariant 7: every combination of B2 and every knob, against the computation above ------------------
+
+
+BOTH = dict(content=CONTENT, style=STYLE, subject="cat", switch_step=2)  # two early steps, two late ones
+PER_BLOCK = dict(scale_early={"up_blocks.1": 1.0, "mid_block": 0.2}, scale_late={"down_blocks.1": 0.9, "up_blocks": 0.5})
+# name: (the knobs changed, the run they change); each must move the latents and match the own computation
+KNOBS = {
+    "ip_layers": (dict(ip_layers=["up_blocks.1", "mid_block"]), {}),
+    "bg_placeholder": (dict(bg_placeholder="dog"), {}),
+    "bg_prompt": (dict(bg_prompt=False), {}),
+    "rank_rule": (dict(rank_rule="gd"), {}),
+    "rank_energy": (dict(rank_energy=0.8), {}),
+    "floor": (dict(floor=0.5), {}),  # bites: σ_min/σ_1 is about 0.2 for these random weights
+    "power 1": (dict(power=1), {}),
+    "power 0": (dict(power=0), {}),
+    "late": (dict(late="style-only"), {}),
+    "scale_early": (dict(scale_early=0.2), {}),
+    "scale_late": (dict(scale_late=1.2), {}),
+    "per-block scales": (PER_BLOCK, {}),
+    "swapped scales": (dict(scale_early=1.0, scale_late=0.3), dict(scale_early=0.3, scale_late=1.0)),
+    "filter_values": (dict(filter_values=True), {}),
+    "filter_values with gd": (dict(filter_values=True, rank_rule="gd"), dict(rank_rule="gd")),
+    "switch_step": (dict(switch_step=1), {}),
+    "entropy switch": (dict(switch_step=None), {}),  # ρ = 7/6: α ≈ 0.63, N_e = 3 of 4
+    "fixed_switch": (dict(switch_step=None, fixed_switch=True), dict(switch_step=None)),
+    "every step late": (dict(switch_step=0), {}),
+    "every step early": (dict(switch_step=STEPS), {}),
+    "no subject": (dict(subject=None), {}),
+    "content only": (dict(style=None), {}),
+    "style only": (dict(content=None), {}),
+    "content only, entropy switch": (dict(style=None, switch_step=None), dict(style=None, switch_step=3)),
+    "style only, entropy switch": (dict(content=None, switch_step=None), dict(content=None)),
+    "several knobs at once": (dict(rank_rule="gd", floor=0.4, power=3, bg_placeholder="dog", late="style-only",
+                                   ip_layers=["down_blocks.1", "mid_block", "up_blocks.1"], filter_values=True, **PER_BLOCK), {}),
+}
+
+
+@pytest.fixture(scope="module")
+def own(sd):
+    """own_run, remembered by its knobs: several tests compare with the same runs."""
+    done = {}
+
+    def compute(**kw):
+        key = repr(sorted(kw.items(), key=lambda kv: kv[0]))
+        if key not in done:
+            done[key] = own_run(sd, **kw)
+        return done[key]
+
+    return compute
+
+
+@pytest.mark.filterwarnings("ignore:no subject was given", "ignore:a subject was given without a content reference")
+@pytest.mark.parametrize("name", KNOBS)
+def test_each_knob_reaches_the_image_as_the_independent_computation_predicts(sd, own, name):
+    changed, base = KNOBS[name]
+    knobs, before = BOTH | base | changed, BOTH | base
+    expected = own(**knobs)
+    assert relative(own(**before), expected) > MOVED, "the knob must matter in this setting for the test to mean anything"
+    got = run(sd, **knobs)
+    assert relative(got.latents, expected) <= LATENT_TOL
+    assert relative(got.latents, own(**before)) > MOVED
+
+
+def test_the_entropy_switch_comes_from_the_pictures_grey_level_entropies(sd):
+    assert (own_entropy(CONTENT), own_entropy(STYLE)) == (7.0, 6.0)
+    report = run(sd, **(BOTH | dict(switch_step=None))).info["drp"]
+    rho = 7 / 6
+    assert report["H_cu"] == pytest.approx(7.0, abs=1e-12) and report["H_st"] == pytest.approx(6.0, abs=1e-12)
+    assert report["rho"] == pytest.approx(rho) and report["alpha"] == pytest.approx(0.2 + 0.6 * rho**6 / (1 + rho**6))
+    assert report["switch_step"] == own_switch(CONTENT, STYLE, STEPS) == 3  # not the middle, 2
+    fixed = run(sd, **(BOTH | dict(switch_step=None, fixed_switch=True))).info["drp"]
+    assert (fixed["alpha"], fixed["switch_step"]) == (0.5, 2)
+
+
+@pytest.mark.filterwarnings("ignore:a subject was given without a content reference")
+def test_a_style_reference_with_a_subject_has_no_background_prompt(sd):
+    with_subject = run(sd, style=STYLE, subject="cat", switch_step=2)
+    assert with_subject.info["drp"]["C_bg"] is None
+    assert torch.equal(with_subject.latents, run(sd, style=STYLE, switch_step=2).latents)
+
+
+def test_content_alone_keeps_its_foreground_in_the_late_stage_whatever_late_says(sd):
+    both = run(sd, content=CONTENT, subject="cat", switch_step=2)
+    assert torch.equal(run(sd, content=CONTENT, subject="cat", switch_step=2, late="style-only").latents, both.latents)
+    assert relative(both.latents, run(sd, content=CONTENT, subject="cat", switch_step=2, scale_late=0).latents) > MOVED
+
+
+# --- the key matrices each stage uses, numerically ----------------------------------------------------------
+
+
+def stage_parts(sd, **kw):
+    method = dri.prepare(sd, [PROMPT], steps=STEPS, progress=False, **kw)
+    return method, [method.hooks[late].groups[0].parts for late in (False, True)]
+
+
+def close(a, b, tol=MATRIX_TOL):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return a.shape == b.shape and relative(a, b) <= tol
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(rank_rule="gd", power=1, floor=0.4), dict(rank_energy=0.9, power=3),
+                                   dict(rank_energy=1.0, power=0)], ids=["defaults", "gd", "e 0.9", "e 1 p 0"])
+def test_each_stage_keys_each_reference_with_the_matrices_of_the_design(sd, knobs):
+    _, (early, late) = stage_parts(sd, content=CONTENT, style=STYLE, subject="cat", **knobs)
+    adapter = sd.ip_adapter
+    uncond = adapter.uncond_tokens(sd.image_encoder)[0]
+    own_tokens = [adapter.image_tokens(sd.image_encoder, clip_pixels([x], size=ENCODER.image_size))[0]
+                  for x in (CONTENT, STYLE)]
+    assert len(early) == len(late) == 2
+    for parts in (early, late):
+        for part, tokens in zip(parts, own_tokens):  # content first, then style; unconditional rows first
+            assert part.tokens.shape[0] == 2 and torch.equal(part.tokens[0], uncond)
+            assert close(part.tokens[1], tokens)
+    for name in adapter.layer_names:
+        w = adapter.key_weight(name)
+        k, fg, bar, _ = own_split(w, **knobs)
+        assert close(early[0].key_weights[name], fg) and close(early[1].key_weights[name], fg)  # [C_cu W_fg ; C_st W_fg]
+        assert close(late[0].key_weights[name], fg) and close(late[1].key_weights[name], bar)  # [C_cu W_fg ; C_st W̄]
+        if knobs.get("rank_energy") == 1.0:
+            assert k == min(w.shape) and close(early[0].key_weights[name], w)  # e = 1: W_fg = W
+        else:
+            assert not close(fg, w.double(), 0.05) and not close(bar, fg, 0.05)  # the three matrices differ
+        if knobs.get("power") == 0:
+            assert close(late[1].key_weights[name], w)  # p = 0: W̄ = W
+        assert all(p.value_weights is None for p in early + late)  # values: the adapter's own
+
+
+def test_with_filter_values_the_early_values_leave_out_the_background_directions_and_the_late_ones_do_not(sd):
+    _, (early, late) = stage_parts(sd, content=CONTENT, style=STYLE, subject="cat", filter_values=True)
+    for name in sd.ip_adapter.layer_names:
+        w_v = sd.ip_adapter.value_weight(name)
+        _, _, _, v_bg = own_split(sd.ip_adapter.key_weight(name))
+        expected = w_v.double().numpy() @ (np.eye(w_v.shape[1]) - v_bg.T @ v_bg)
+        assert all(close(p.value_weights[name], expected) for p in early)
+        assert not close(w_v, expected, 0.05)
+    assert all(p.value_weights is None for p in late)
+
+
+# --- the late stage opened up is diffusers' IP-Adapter with both pictures -----------------------------------
+
+
+def test_every_step_late_with_the_filter_opened_equals_diffusers_joint_two_image_ip_adapter(tmp_path):
+    """With e = 1, p = 0 and no C_bg the late group [C_cu W_fg ; C_st W̄] is [C_cu W ; C_st W]: one softmax over
+    both pictures' tokens, as diffusers computes for ip_adapter_image=[[content, style]]; switch_step=0
+    runs every step late, so the late stage alone makes the image."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessorPil
+
+    from checkpoints import reference_models, write_diffusers_folder
+    from drp.convert import convert
+    from ip_checkpoints import FILES, reference_encoder, write_h94_folder
+    from tiny import reference_tokenizer
+
+    models = reference_models(seed=0)
+    write_diffusers_folder(tmp_path / "sd", models)
+    convert(tmp_path / "sd", tmp_path / "weights", dtype="fp32", progress=False)
+    h94 = write_h94_folder(tmp_path / "h94", reference_encoder(seed=5), forms=(".safetensors",))
+    convert(h94 / f"{FILES['base']}.safetensors", tmp_path / "weights", dtype="fp32", progress=False)
+    convert(h94 / "image_encoder", tmp_path / "weights", dtype="fp32", progress=False)
+    ours = run(drp.load(tmp_path / "weights"), content=CONTENT, style=STYLE, subject="cat", switch_step=0,
+               rank_energy=1.0, power=0, bg_prompt=False, scale_late=0.8).latents
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionPipeline(**models, tokenizer=reference_tokenizer(tmp_path), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=CLIPImageProcessorPil(),
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(h94), subfolder="", weight_name=f"{FILES['base']}.safetensors",
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(0.8)
+    expected = pipe(PROMPT, latents=noise(), num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
+                    width=SIZE, ip_adapter_image=[[CONTENT, STYLE]], output_type="latent").images
+    assert relative(ours, expected) <= LATENT_TOL
+    pipe.set_ip_adapter_scale(0.0)  # the pictures did move the latents
+    plain = pipe(PROMPT, latents=noise(), num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
+                 width=SIZE, ip_adapter_image=[[CONTENT, STYLE]], output_type="latent").images
+    assert relative(plain, expected) > MOVED
+
+
+# --- filter_values: invariant 8 ----------------------------------------------------------------------------
+
+OUTPUT_TOL = 1e-4  # relative: keys and values through reconstructed float32 matrices, one attention
+
+
+def early_outputs(sd, hook, name, along, seed):
+    """The early stage's image-attention output at layer `name` for random queries, with every reference's
+    tokens moved by random amounts along the rows of `along` (none moved for an empty `along`)."""
+    attn = sd.unet.get_submodule(name)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, attn.heads, 16, attn.to_q.out_features // attn.heads, generator=g)
+    saved = [p.tokens for p in hook.groups[0].parts]
+    for part in hook.groups[0].parts:
+        part.tokens = part.tokens + torch.randn(*part.tokens.shape[:2], along.shape[0], generator=g) @ along
+    hook._keys_values.clear()
+    out = F.scaled_dot_product_attention(q, *hook.keys_values(attn, 0, name, torch.float32))
+    for part, tokens in zip(hook.groups[0].parts, saved):
+        part.tokens = tokens
+    hook._keys_values.clear()
+    return out
+
+
+@pytest.mark.parametrize("rule", ["energy", "gd"])
+def test_with_filter_values_the_background_directions_of_the_tokens_do_not_reach_the_early_output(sd, rule):
+    refs = dict(content=CONTENT, style=STYLE, subject="cat", rank_rule=rule)
+    filtered, plain = (dri.prepare(sd, [PROMPT], steps=STEPS, progress=False, filter_values=f, **refs)
+                       for f in (True, False))
+    for name in sd.ip_adapter.layer_names:
+        w = sd.ip_adapter.key_weight(name)
+        k, _, _, v_bg = own_split(w, rank_rule=rule)
+        assert k == filtered.report()["rank"][name] < min(w.shape)
+        v_bg, v_fg = 5 * torch.from_numpy(v_bg).float(), 5 * torch.from_numpy(own_svd(w)[2][:k]).float()
+        hook = filtered.hooks[False]
+        still = early_outputs(sd, hook, name, v_bg[:0], seed=0)
+        assert relative(early_outputs(sd, hook, name, v_bg, seed=0), still) <= OUTPUT_TOL
+        assert relative(early_outputs(sd, hook, name, v_fg, seed=0), still) > 0.05  # the foreground does count
+        hook = plain.hooks[False]  # without the filter, the values carry the background directions
+        still = early_outputs(sd, hook, name, v_bg[:0], seed=0)
+        assert relative(early_outputs(sd, hook, name, v_bg, seed=0), still) > 0.05
+
+
+def test_filter_values_changes_nothing_at_full_rank_bit_for_bit(sd):
+    refs = dict(content=CONTENT, style=STYLE, subject="cat", switch_step=2, rank_energy=1.0)
+    assert torch.equal(run(sd, filter_values=True, **refs).latents, run(sd, **refs).latents)
+    assert run(sd, filter_values=True, **refs).info["drp"]["filter_values"] is True
+
+
+def test_a_run_leaves_the_thread_count_as_it_was(sd, monkeypatch):
+    from drp import svd_keys
+
+    svd_keys._SPECTRA.pop(sd.ip_adapter, None)  # so that this run decomposes the keys again
+    before = torch.get_num_threads()
+
+    def refuse(n):
+        raise AssertionError("the run changed the process's thread count")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    run(sd, content=CONTENT, style=STYLE, subject="cat")
+    assert torch.get_num_threads() == before and sd.ip_adapter in svd_keys._SPECTRA
