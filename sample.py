@@ -114,7 +114,8 @@ def parse_args(argv=None):
     a.add_argument("--style-caption", metavar="TEXT", help="caption to invert --style with (default: none)")
     a.add_argument("--cache-dir", metavar="DIR",
                    help="where reference inversions are kept (default: $DRP_CACHE_DIR, else ~/.cache/drp)")
-    a.add_argument("--no-cache", action="store_true", default=None, help="invert the references again, and keep nothing")
+    a.add_argument("--no-cache", action="store_true", default=None,
+                   help="invert the references again, and keep nothing")
     a.add_argument("--clear-cache", action="store_true", help="empty the cache folder first (any mode)")
 
     m = p.add_argument_group("DRP-Diff on IP-Adapter (--mode ip-adapter; see docs/ALGORITHM_IP_ADAPTER.md)")
@@ -122,7 +123,8 @@ def parse_args(argv=None):
     m.add_argument("--rank-energy", type=number, metavar="E", help="share of the singular values' energy Σσ² "
                    f"that counts as foreground, in (0, 1] (default: {ip.rank_energy})")
     m.add_argument("--rank-rule", choices=("energy", "gd"),
-                   help=f"split the spectrum by --rank-energy or by the Gavish-Donoho threshold (default: {ip.rank_rule})")
+                   help="split the spectrum by --rank-energy or by the Gavish-Donoho threshold "
+                        f"(default: {ip.rank_rule})")
     m.add_argument("--floor", type=number, metavar="E", help="ε of the style matrix W̄: σ below ε·σ_1 are re-weighted "
                    f"as ε·σ_1, so the tilt is at most ε^-p (default: {ip.floor})")
     m.add_argument("--power", type=number, metavar="P", help="p of W̄'s weights σ·σ^-p: 2 = 1/σ, 1 = the polar factor, "

@@ -13,12 +13,15 @@ references' image tokens, every attn2 layer adds one image softmax to the text's
 so early on both references lend only their foreground texture while the background follows a prompt
 that does not name the subject; late, the style reference's background (its brushwork) comes in
 through W̄ while the full prompt puts the subject back. N_e comes from the references' entropies as
-in the self-attention mode (`drp/method_common.py`, ALGORITHM.md §4). Values (`to_v_ip`) are the
-adapter's: the early stage is blind to the references' background in which token a query attends to,
-not in what that token carries; the ablation `filter_values` makes the early stage's values
-`W_v (I − V_bg V_bgᵀ)` too (B1), so its output ignores the background directions. Content only: [C_cu W_fgᵀ] in both stages; style only: [C_st W_fgᵀ] then [C_st W̄ᵀ] with C_te
-throughout; `late="style-only"` drops C_cu from the late group. The unconditional rows see the
-unconditional image tokens through the same matrices, and the negative prompt.
+in the self-attention mode (`drp/method_common.py`, ALGORITHM.md §4). Content only: [C_cu W_fgᵀ] in
+both stages; style only: [C_st W_fgᵀ] then [C_st W̄ᵀ] with C_te throughout; `late="style-only"` drops
+C_cu from the late group. The unconditional rows see the unconditional image tokens through the same
+matrices, and the negative prompt.
+
+Values (`to_v_ip`) are the adapter's: the early stage is blind to the references' background in which
+token a query attends to, not in what that token carries. The ablation `filter_values` gives the early
+stage's values `W_v (I − V_bg V_bgᵀ)` as well (B1; V_bg the directions W_fg leaves out), so that its
+output ignores the background directions too; the late stage keeps W_v.
 
 Cost: no extra UNet rows (batch 2 under CFG); one encoder pass for the references; the 16 SVDs once per
 loaded adapter. Nothing is stored on the model: the hooks live as long as one `generate` call.
@@ -172,7 +175,8 @@ def check_options(opts, layer_names=None):
     if opts.late not in LATE_GROUPS:
         raise DrpError(f"late must be \"both\" or \"style-only\", got {opts.late!r}.")
     if not isinstance(opts.bg_placeholder, str):
-        raise DrpError(f"bg_placeholder must be a string (\"\" removes the subject's words), got {opts.bg_placeholder!r}.")
+        raise DrpError(f"bg_placeholder must be a string (\"\" removes the subject's words), "
+                       f"got {opts.bg_placeholder!r}.")
     for knob in ("bg_prompt", "fixed_switch", "filter_values"):
         if not isinstance(getattr(opts, knob), bool):
             raise DrpError(f"{knob} must be True or False, got {getattr(opts, knob)!r}.")

@@ -68,7 +68,8 @@ def check_mode_settings(args, mode, why=""):
         raise DrpError("--fixed-switch and --switch-step both choose the switch step; give one of them.")
     for kind in ("content", "style"):
         if getattr(args, f"{kind}_mask") and not getattr(args, kind):
-            raise DrpError(f"--{kind}-mask is the mask of --{kind}, and no --{kind} was given; add it, or drop the mask.")
+            raise DrpError(f"--{kind}-mask is the mask of --{kind}, and no --{kind} was given; add it, or drop "
+                           "the mask.")
     other = "self-attention" if mode == "ip-adapter" else "ip-adapter"
     for flag in given(SELF_ATTENTION_FLAGS if mode == "ip-adapter" else IP_FLAGS):
         if not why:

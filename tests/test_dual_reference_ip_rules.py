@@ -63,7 +63,8 @@ def run(sd, **kw):
 
 
 BOTH = dict(content=CONTENT, style=STYLE, subject="cat", switch_step=2)  # two early steps, two late ones
-PER_BLOCK = dict(scale_early={"up_blocks.1": 1.0, "mid_block": 0.2}, scale_late={"down_blocks.1": 0.9, "up_blocks": 0.5})
+PER_BLOCK = dict(scale_early={"up_blocks.1": 1.0, "mid_block": 0.2},
+                 scale_late={"down_blocks.1": 0.9, "up_blocks": 0.5})
 # name: (the knobs changed, the run they change); each must move the latents and match the own computation
 KNOBS = {
     "ip_layers": (dict(ip_layers=["up_blocks.1", "mid_block"]), {}),
@@ -92,7 +93,8 @@ KNOBS = {
     "content only, entropy switch": (dict(style=None, switch_step=None), dict(style=None, switch_step=3)),
     "style only, entropy switch": (dict(content=None, switch_step=None), dict(content=None)),
     "several knobs at once": (dict(rank_rule="gd", floor=0.4, power=3, bg_placeholder="dog", late="style-only",
-                                   ip_layers=["down_blocks.1", "mid_block", "up_blocks.1"], filter_values=True, **PER_BLOCK), {}),
+                                   ip_layers=["down_blocks.1", "mid_block", "up_blocks.1"], filter_values=True,
+                                   **PER_BLOCK), {}),
 }
 
 
@@ -116,7 +118,7 @@ def test_each_knob_reaches_the_image_as_the_independent_computation_predicts(sd,
     changed, base = KNOBS[name]
     knobs, before = BOTH | base | changed, BOTH | base
     expected = own(**knobs)
-    assert relative(own(**before), expected) > MOVED, "the knob must matter in this setting for the test to mean anything"
+    assert relative(own(**before), expected) > MOVED, "the knob must matter here for the test to mean anything"
     got = run(sd, **knobs)
     assert relative(got.latents, expected) <= LATENT_TOL
     assert relative(got.latents, own(**before)) > MOVED
@@ -175,8 +177,9 @@ def test_each_stage_keys_each_reference_with_the_matrices_of_the_design(sd, knob
     for name in adapter.layer_names:
         w = adapter.key_weight(name)
         k, fg, bar, _ = own_split(w, **knobs)
-        assert close(early[0].key_weights[name], fg) and close(early[1].key_weights[name], fg)  # [C_cu W_fg ; C_st W_fg]
-        assert close(late[0].key_weights[name], fg) and close(late[1].key_weights[name], bar)  # [C_cu W_fg ; C_st W̄]
+        # early [C_cu W_fg ; C_st W_fg], late [C_cu W_fg ; C_st W̄]
+        assert close(early[0].key_weights[name], fg) and close(early[1].key_weights[name], fg)
+        assert close(late[0].key_weights[name], fg) and close(late[1].key_weights[name], bar)
         if knobs.get("rank_energy") == 1.0:
             assert k == min(w.shape) and close(early[0].key_weights[name], w)  # e = 1: W_fg = W
         else:
