@@ -124,6 +124,45 @@ def test_each_knob_reaches_the_image_as_the_independent_computation_predicts(sd,
     assert relative(got.latents, own(**before)) > MOVED
 
 
+def planted_spectrum(r, beta, scale=0.1):
+    """r singular values where the Gavish–Donoho rule keeps exactly 2 — and would keep 3 with the lower of the
+    two middle values as the median (2.5 instead of 2.75), 1 with β = 1, many without ω."""
+    omega = lambda b: 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
+    bulk = np.concatenate([np.linspace(4.0, 3.0, r // 2 - 3), np.linspace(2.5, 0.1, r // 2)])  # middle: 3, 2.5
+    between = lambda lo, hi: (lo + hi) / 2
+    signal = [20.0, between(omega(beta) * 2.75, omega(1) * 2.75), between(omega(beta) * 2.5, omega(beta) * 2.75)]
+    return scale * np.concatenate([signal, bulk])
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The tiny models with every key weight's spectrum replaced by `planted_spectrum` (random singular vectors)."""
+    sd = tiny_sd()
+    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
+    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(7)
+    for name in sd.ip_adapter.layer_names:
+        w = sd.ip_adapter.key_weight(name)
+        r = min(w.shape)
+        u, _ = torch.linalg.qr(torch.randn(w.shape[0], r, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(w.shape[1], r, generator=g, dtype=torch.float64))
+        sigma = torch.from_numpy(planted_spectrum(r, r / max(w.shape)))
+        with torch.no_grad():
+            w.copy_((u * sigma) @ v.T)
+    return sd
+
+
+def test_the_gavish_donoho_rule_splits_each_layer_by_its_own_aspect_ratio_and_median(planted):
+    knobs = BOTH | dict(rank_rule="gd")
+    result = run(planted, **knobs)
+    assert set(result.info["drp"]["rank"].values()) == {2}
+    assert [own_split(planted.ip_adapter.key_weight(n), rank_rule="gd")[0] for n in planted.ip_adapter.layer_names] \
+        == [2] * len(planted.ip_adapter.layer_names)
+    expected = own_run(planted, PROMPT, noise(), STEPS, GUIDANCE, **knobs)
+    assert relative(result.latents, expected) <= LATENT_TOL
+    assert relative(run(planted, **(knobs | dict(rank_energy=0.5, rank_rule="energy"))).latents, expected) > MOVED
+
+
 def test_the_entropy_switch_comes_from_the_pictures_grey_level_entropies(sd):
     assert (own_entropy(CONTENT), own_entropy(STYLE)) == (7.0, 6.0)
     report = run(sd, **(BOTH | dict(switch_step=None))).info["drp"]
