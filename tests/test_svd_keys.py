@@ -2,6 +2,7 @@
 
 import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -140,10 +141,11 @@ def test_spectra_are_computed_once_per_adapter_kept_off_it_and_redone_after_an_e
         adapter.w["a"].mul_(2)
     again = svd_keys.spectra(adapter, ["a"])["a"]
     assert again is not first and torch.allclose(again.S, 2 * first.S)
-    n = len(svd_keys._SPECTRA)
+    n, alive = len(svd_keys._SPECTRA), weakref.ref(adapter)
     del adapter
     gc.collect()
-    assert len(svd_keys._SPECTRA) == n - 1  # freed with the adapter
+    assert alive() is None  # the cache does not keep the adapter alive, so its entry goes with it
+    assert len(svd_keys._SPECTRA) <= n - 1  # (other tests' adapters may be collected at the same time)
 
 
 # --- the rules with numbers worked out by hand (ALGORITHM_IP_ADAPTER.md B1) ------------------------------
