@@ -31,8 +31,10 @@ from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
 from drp.images import load_image
-from drp.ip_adapter import attn2_layers, resolve_scale
+from drp.ip_adapter import resolve_scale
 from drp.method_common import MODES, resolve_mode
+from drp.mode_flags import (check_mode_settings, ip_files_missing, ip_knobs, planned_mode, self_attention_knobs,
+                            unet_layer_names)
 from drp.model_io import read_model_json
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
@@ -45,6 +47,7 @@ DEMO = {"prompt": "a cat sitting on a beach, in the style of a painting", "subje
 DEFAULT_OUT = "outputs"
 DEFAULT_SEED = 42
 MAX_SEED = 2**32 - 1  # the range of seeds the web UIs show
+IP_SCALE = 0.6  # --ip-scale's default, as drp.generate's ip_scale
 
 
 def number(text):
@@ -95,43 +98,59 @@ def parse_args(argv=None):
     d.add_argument("--content-mask", metavar="IMG", help="white = the subject in --content (default: found by SD)")
     d.add_argument("--style-mask", metavar="IMG", help="white = the foreground of --style (default: found by SD)")
     d.add_argument("--switch-step", type=int, metavar="N",
-                   help="the step where the late stage starts (default: from the references' entropies)")
+                   help="the step where the late stage starts, either mode (default: from the references' entropies)")
     d.add_argument("--report", metavar="FILE.png", help="also draw the masks, the numbers and the result into FILE.png")
-    d.add_argument("--cache-dir", metavar="DIR",
-                   help="where reference inversions are kept (default: $DRP_CACHE_DIR, else ~/.cache/drp)")
-    d.add_argument("--no-cache", action="store_true", help="invert the references again, and keep nothing")
-    d.add_argument("--clear-cache", action="store_true", help="empty the cache folder first")
-    d.add_argument("--no-masks", action="store_true", help="ablation: every reference token everywhere")
-    d.add_argument("--fixed-switch", action="store_true", help="ablation: switch at half the steps")
-    d.add_argument("--layers", default=",".join(Options().layers), metavar="BLOCKS",
-                   help="comma-separated UNet blocks whose self-attention sees the references (default: %(default)s)")
-    d.add_argument("--style-caption", default="", metavar="TEXT", help="caption to invert --style with (default: none)")
+    d.add_argument("--fixed-switch", action="store_true", default=None,
+                   help="ablation, either mode: switch at half the steps")
     d.add_argument("--mode", choices=MODES, default="auto",
                    help="how the references enter the image: self-attention (SD 1.5 alone, masks from inverted "
                         "references), ip-adapter (the paper's: image tokens in the cross-attention, an SVD split of "
                         "the image keys; needs `python convert_weights.py --download ip-adapter`), or auto "
                         "(default): ip-adapter when its files are in --weights")
 
+    # Flags of one mode default to None, so that a flag given to the other mode is an error, not ignored.
+    a = p.add_argument_group("DRP-Diff in self-attention (--mode self-attention; see docs/ALGORITHM.md)")
+    a.add_argument("--layers", metavar="BLOCKS", help="comma-separated UNet blocks whose self-attention sees the "
+                                                      f"references (default: {','.join(Options().layers)})")
+    a.add_argument("--no-masks", action="store_true", default=None, help="ablation: every reference token everywhere")
+    a.add_argument("--style-caption", metavar="TEXT", help="caption to invert --style with (default: none)")
+    a.add_argument("--cache-dir", metavar="DIR",
+                   help="where reference inversions are kept (default: $DRP_CACHE_DIR, else ~/.cache/drp)")
+    a.add_argument("--no-cache", action="store_true", default=None,
+                   help="invert the references again, and keep nothing")
+    a.add_argument("--clear-cache", action="store_true", help="empty the cache folder first (any mode)")
+
     m = p.add_argument_group("DRP-Diff on IP-Adapter (--mode ip-adapter; see docs/ALGORITHM_IP_ADAPTER.md)")
-    ip_defaults = IPOptions()
-    m.add_argument("--rank-energy", type=number, default=ip_defaults.rank_energy, metavar="E",
-                   help="share of the singular values' energy that counts as foreground (default: %(default)s)")
-    m.add_argument("--rank-rule", choices=("energy", "gd"), default=ip_defaults.rank_rule,
-                   help="split the spectrum by --rank-energy or by the Gavish-Donoho threshold (default: %(default)s)")
-    m.add_argument("--scale-early", type=number, default=ip_defaults.scale_early, metavar="S",
-                   help="image-attention scale of the early stage (default: %(default)s)")
-    m.add_argument("--scale-late", type=number, default=ip_defaults.scale_late, metavar="S",
-                   help="image-attention scale of the late stage (default: %(default)s)")
-    m.add_argument("--late", choices=("both", "style-only"), default=ip_defaults.late,
-                   help="late-stage image tokens: both references, or the style's alone (default: %(default)s)")
-    m.add_argument("--no-bg-prompt", action="store_true",
-                   help="ablation: keep the subject's words in the early stage's text")
+    ip = IPOptions()
+    m.add_argument("--rank-energy", type=number, metavar="E", help="share of the singular values' energy Σσ² "
+                   f"that counts as foreground, in (0, 1] (default: {ip.rank_energy})")
+    m.add_argument("--rank-rule", choices=("energy", "gd"),
+                   help="split the spectrum by --rank-energy or by the Gavish-Donoho threshold "
+                        f"(default: {ip.rank_rule})")
+    m.add_argument("--floor", type=number, metavar="E", help="ε of the style matrix W̄: σ below ε·σ_1 are re-weighted "
+                   f"as ε·σ_1, so the tilt is at most ε^-p (default: {ip.floor})")
+    m.add_argument("--power", type=number, metavar="P", help="p of W̄'s weights σ·σ^-p: 2 = 1/σ, 1 = the polar factor, "
+                   f"0 = the adapter's keys (default: {ip.power})")
+    m.add_argument("--scale-early", type=ip_scale, metavar="S", help="image-attention scale of the early stage: a "
+                   f"number, or per block as --ip-scale takes it (default: {ip.scale_early})")
+    m.add_argument("--scale-late", type=ip_scale, metavar="S",
+                   help=f"image-attention scale of the late stage, the same way (default: {ip.scale_late})")
+    m.add_argument("--late", choices=("both", "style-only"),
+                   help=f"late-stage image tokens: both references, or the style's alone (default: {ip.late})")
+    m.add_argument("--no-bg-prompt", action="store_true", default=None,
+                   help="ablation: keep the subject's words in the early stage's text (C_bg = the full prompt)")
+    m.add_argument("--bg-placeholder", metavar="TEXT",
+                   help="what replaces the subject's words in the early stage's text C_bg (default: nothing)")
+    m.add_argument("--ip-layers", metavar="BLOCKS", help="comma-separated blocks or attn2 layers with image attention, "
+                                                         "e.g. up_blocks.1,mid_block (default: every attn2 layer)")
+    m.add_argument("--filter-values", action="store_true", default=None,
+                   help="ablation: the early stage's values also leave out the background directions (default: off)")
 
     i = p.add_argument_group("IP-Adapter image prompt (after `python convert_weights.py --download ip-adapter`)")
     i.add_argument("--ip-image", action="append", metavar="IMG",
                    help="a picture to prompt with; repeat for several (they share one attention)")
-    i.add_argument("--ip-scale", type=ip_scale, default=0.6, metavar="S",
-                   help="how strongly the picture counts: a number (default: %(default)s), or per block, "
+    i.add_argument("--ip-scale", type=ip_scale, metavar="S",
+                   help=f"how strongly the picture counts: a number (default: {IP_SCALE}), or per block, "
                         "e.g. up_blocks.1=1.0 (style only) or down_blocks.2=1,mid_block=1 (layout); "
                         "blocks not named get 0")
 
@@ -215,18 +234,25 @@ def checked_settings(args):
             load_image(getattr(args, name), what)  # unreadable, empty or huge -> DrpError
     for image in args.ip_image or []:
         load_image(image, "IP-Adapter image")
-    if args.ip_image:
-        resolve_scale(args.ip_scale, list(attn2_layers()))  # a block SD 1.5 does not have: DrpError
-    missing = ip_files_missing(args)
-    ip_mode = args.mode == "ip-adapter" or args.mode == "auto" and not missing  # as drp.generate will choose
-    if ip_mode and (args.content or args.style) and (args.content_mask or args.style_mask):
+    if args.ip_image and (args.content or args.style):
+        raise DrpError("--ip-image is a plain image prompt and cannot be combined with --content/--style; give the "
+                       "pictures as --content and --style (the ip-adapter mode puts them in the cross-attention).")
+    if args.ip_scale is not None and not args.ip_image:
+        raise DrpError("--ip-scale is the scale of the --ip-image prompt, and no --ip-image was given; add one, or "
+                       "drop --ip-scale (DRP-Diff's stages have --scale-early and --scale-late).")
+    if args.ip_image and args.ip_scale is not None:
+        resolve_scale(args.ip_scale, unet_layer_names(args.weights))  # a block the UNet does not have: DrpError
+    fetching = first_run_downloads(args)  # a first run's downloads count: they are there when the weights load
+    mode, why = planned_mode(args, fetching)
+    if mode == "ip-adapter" and (args.content_mask or args.style_mask):
         raise DrpError("the ip-adapter mode splits foreground from background spectrally and takes no masks; "
                        "drop --content-mask/--style-mask or add --mode self-attention.")
-    needs_ip = "--ip-image" if args.ip_image else "--mode ip-adapter" if args.mode == "ip-adapter" and (
-        args.content or args.style) else None  # (without references --mode ip-adapter is plain text-to-image)
-    if needs_ip and missing:
+    missing = ip_files_missing(args.weights, fetching)
+    needs_ip = "--ip-image" if args.ip_image else "--mode ip-adapter" if args.mode == "ip-adapter" and mode else None
+    if needs_ip and missing:  # (without references --mode ip-adapter is plain text-to-image)
         raise DrpError(f"{needs_ip} needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
                        "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    check_mode_settings(args, mode, why)
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
@@ -240,20 +266,6 @@ def first_run_downloads(args):
     return [] if args.no_download else first_run.downloads(args.weights, args.mode)
 
 
-def ip_files_missing(args):
-    """IP-Adapter's files that --weights will lack when the weights are loaded (this run's downloads counted)."""
-    if "ip-adapter" in first_run_downloads(args):
-        return []
-    return [f for f in ("ip_adapter.json", "image_encoder.json") if not (Path(args.weights) / f).is_file()]
-
-
-def planned_mode(args):
-    """The mode drp.generate will choose, known before the weights are downloaded or loaded."""
-    if args.mode != "auto":
-        return args.mode
-    return "self-attention" if ip_files_missing(args) else "ip-adapter"
-
-
 def download_weights(folder, what, progress):
     """The first run: `what` downloaded into `folder` and converted there, saying first what, how big and where."""
     for line in first_run.announcement(folder, what):
@@ -264,20 +276,17 @@ def download_weights(folder, what, progress):
 
 
 def generate_settings(args, mode):
-    """The keyword arguments of drp.generate for this command line, with the options of the chosen mode."""
+    """The keyword arguments of drp.generate for this command line, with the knobs of the chosen mode."""
     settings = dict(
         negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, height=args.height,
         width=args.width, seed=args.seed, eta=args.eta, num_images=args.num_images, progress=not args.no_progress,
         content=args.content, style=args.style, subject=args.subject, content_mask=args.content_mask,
         style_mask=args.style_mask, switch_step=args.switch_step, tiled_decode=args.tiled_decode,
-        ip_image=args.ip_image, ip_scale=args.ip_scale, mode=mode, fixed_switch=args.fixed_switch,
+        ip_image=args.ip_image, ip_scale=IP_SCALE if args.ip_scale is None else args.ip_scale, mode=mode,
     )
-    if mode == "ip-adapter":  # drp/dual_reference_ip.py, Options
-        return settings | dict(rank_energy=args.rank_energy, rank_rule=args.rank_rule, scale_early=args.scale_early,
-                               scale_late=args.scale_late, late=args.late, bg_prompt=not args.no_bg_prompt)
-    return settings | dict(  # drp/dual_reference.py, Options
-        layers=args.layers, use_masks=not args.no_masks, style_caption=args.style_caption, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache)
+    if not (args.content or args.style):
+        return settings
+    return settings | (ip_knobs(args) if mode == "ip-adapter" else self_attention_knobs(args))
 
 
 def first_line(args, mode, demo):
@@ -312,15 +321,17 @@ def run(args):
     folder, references = Path(args.weights), bool(args.content or args.style)
     if "sd15" not in fetching:
         read_model_json(folder)  # no (complete) converted weights and --no-download: said before anything else
-    mode = planned_mode(args)
-    print(first_line(args, mode, demo))  # the mode that will run, before any download
-    if references and args.mode == "auto" and mode == "self-attention":
+    planned, _ = planned_mode(args, fetching)
+    print(first_line(args, planned, demo))  # the mode that will run, before any download
+    if references and args.mode == "auto" and planned == "self-attention":
         print(f"(IP-Adapter's files are not in {folder}, so --mode auto runs the self-attention mode; "
               "`python convert_weights.py --download ip-adapter` adds them, 2.6 GB, for the paper's mode)")
     if fetching:
         download_weights(folder, fetching, progress=not args.no_progress)
     sd = drp.load(args.weights, device=device, dtype=dtype)  # a missing or broken folder: DrpError
     mode = resolve_mode(sd, args.mode, references=references)  # as planned_mode said: by the files there now
+    if references and mode != planned:  # the folder changed under us (another process converted into it)
+        check_mode_settings(args, mode, f"--mode auto chose {mode} with the weights in {args.weights}")
     if args.compile:  # compiled on its first call of each shape and kind of hook, then reused
         print("--compile: the first steps compile the UNet (about a minute on a GPU, more with references)")
         sd.unet.compile()

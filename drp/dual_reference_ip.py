@@ -13,15 +13,21 @@ references' image tokens, every attn2 layer adds one image softmax to the text's
 so early on both references lend only their foreground texture while the background follows a prompt
 that does not name the subject; late, the style reference's background (its brushwork) comes in
 through W̄ while the full prompt puts the subject back. N_e comes from the references' entropies as
-in the self-attention mode (`drp/method_common.py`, ALGORITHM.md §4). Values (`to_v_ip`) are never
-filtered. Content only: [C_cu W_fgᵀ] in both stages; style only: [C_st W_fgᵀ] then [C_st W̄ᵀ] with C_te
-throughout; `late="style-only"` drops C_cu from the late group. The unconditional rows see the
-unconditional image tokens through the same matrices, and the negative prompt.
+in the self-attention mode (`drp/method_common.py`, ALGORITHM.md §4). Content only: [C_cu W_fgᵀ] in
+both stages; style only: [C_st W_fgᵀ] then [C_st W̄ᵀ] with C_te throughout; `late="style-only"` drops
+C_cu from the late group. The unconditional rows see the unconditional image tokens through the same
+matrices, and the negative prompt.
+
+Values (`to_v_ip`) are the adapter's: the early stage is blind to the references' background in which
+token a query attends to, not in what that token carries. The ablation `filter_values` gives the early
+stage's values `W_v (I − V_bg V_bgᵀ)` as well (B1; V_bg the directions W_fg leaves out), so that its
+output ignores the background directions too; the late stage keeps W_v.
 
 Cost: no extra UNet rows (batch 2 under CFG); one encoder pass for the references; the 16 SVDs once per
 loaded adapter. Nothing is stored on the model: the hooks live as long as one `generate` call.
 """
 
+import math
 import re
 import time
 import warnings
@@ -55,8 +61,9 @@ class Options:
     bg_prompt: bool = True  # the early stage's conditional text is C_bg (False: the full prompt throughout)
     bg_placeholder: str = ""  # what replaces the subject's words in C_bg
     late: str = "both"  # the late group: "both" = [C_cu W_fg ; C_st W̄], "style-only" = [C_st W̄]
-    ip_layers: object = None  # attn2 layers or blocks with image attention (None: all 16)
+    ip_layers: object = None  # attn2 layers or blocks with image attention (None: all 16): a list, or "a,b"
     fixed_switch: bool = False  # ablation: α = 0.5 whatever the entropies
+    filter_values: bool = False  # ablation: the early stage's values through W_v (I − V_bg V_bgᵀ) as well
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Part:
 
     tokens: torch.Tensor  # (rows, T, 768): unconditional rows first, then conditional
     key_weights: dict  # {attn2 name: (width, 768)}
+    value_weights: dict = None  # {attn2 name: (width, 768)}, or None: the adapter's to_v_ip
 
 
 @dataclass
@@ -87,10 +95,10 @@ class StageAttention(DecoupledCrossAttention):
 
     def keys_values(self, attn, g, name, dtype):
         if (g, name) not in self._keys_values:
-            parts = self.groups[g].parts
-            w_v = self.adapter.value_weight(name).to(dtype)
+            parts, w_v = self.groups[g].parts, self.adapter.value_weight(name)
             k = torch.cat([F.linear(p.tokens.to(dtype), p.key_weights[name].to(dtype)) for p in parts], dim=1)
-            v = torch.cat([F.linear(p.tokens.to(dtype), w_v) for p in parts], dim=1)  # (rows, ΣT, width)
+            v = torch.cat([F.linear(p.tokens.to(dtype), (p.value_weights or {}).get(name, w_v).to(dtype))
+                           for p in parts], dim=1)  # (rows, ΣT, width)
             self._keys_values[(g, name)] = attn.split_heads(k), attn.split_heads(v)  # (rows, h, ΣT, d)
         return self._keys_values[(g, name)]
 
@@ -102,27 +110,81 @@ def background_prompt(prompt, subject, placeholder=""):
     return " ".join(text.split())
 
 
-def chosen_layers(adapter, ip_layers):
-    """The attn2 names that get image attention: all, or those under the given layer/block names."""
-    names = adapter.layer_names
+def under(name, block):
+    """Whether attn2 layer (or block) `name` is `block` or lies inside it."""
+    return name == block or name.startswith(block + ".")
+
+
+def wanted_layers(ip_layers):
+    """`ip_layers` as a list of names (None: all layers); "a, b" is split at the commas."""
     if ip_layers is None:
-        return list(names)
-    wanted = [s.strip() for s in ip_layers.split(",")] if isinstance(ip_layers, str) else list(ip_layers)
+        return None
+    if isinstance(ip_layers, str):
+        wanted = [w.strip() for w in ip_layers.split(",") if w.strip()]
+    elif isinstance(ip_layers, (list, tuple)) and all(isinstance(w, str) for w in ip_layers):
+        wanted = [w.strip() for w in ip_layers]
+    else:
+        raise DrpError(f"ip_layers must be a list of block or layer names (or one string, comma-separated), "
+                       f"got {ip_layers!r}.")
+    if not wanted or not all(wanted):
+        raise DrpError(f"ip_layers {ip_layers!r} names no layer, which would leave no image attention; name blocks "
+                       "such as up_blocks.1, or leave it unset (None) for every attn2 layer.")
+    return wanted
+
+
+def chosen_layers(layer_names, ip_layers):
+    """The attn2 names that get image attention: all of `layer_names`, or those under the names in `ip_layers`."""
+    wanted = wanted_layers(ip_layers)
+    if wanted is None:
+        return list(layer_names)
     for w in wanted:
-        if not isinstance(w, str) or not any(n == w or n.startswith(w + ".") for n in names):
+        if not any(under(n, w) for n in layer_names):
             raise DrpError(f"ip_layers names {w!r}, which is no attn2 layer or block of the adapter; "
-                           f"use block names such as up_blocks.1, or leave it unset for all {len(names)}.")
-    return [n for n in names if any(n == w or n.startswith(w + ".") for w in wanted)]
+                           f"use block names such as up_blocks.1, or leave it unset for all {len(layer_names)}.")
+    return [n for n in layer_names if any(under(n, w) for w in wanted)]
 
 
-def check_options(opts):
+def check_scale(knob, scale, wanted, layer_names=None):
+    """A stage's scale: a number ≥ 0, or {block: number ≥ 0} naming blocks that have image attention."""
+    def good(v):
+        return svd_keys.is_number(v) and math.isfinite(v) and v >= 0
+
+    if svd_keys.is_number(scale) or not isinstance(scale, dict):
+        if not good(scale):
+            raise DrpError(f"{knob} must be a finite number ≥ 0 (0.6 is the default) or a dict of block names to "
+                           f"such numbers, got {scale!r}.")
+        return
+    for block, v in scale.items():
+        if not isinstance(block, str) or not good(v):
+            raise DrpError(f"{knob} must map block names to finite numbers ≥ 0, got {block!r}: {v!r}.")
+        if wanted is not None and not any(under(block, w) or under(w, block) for w in wanted):
+            raise DrpError(f"{knob} names {block!r}, which is outside ip_layers ({', '.join(wanted)}), so it has no "
+                           "image attention to scale; name a block of ip_layers, or add it to ip_layers.")
+    if layer_names is not None:
+        resolve_scale(scale, chosen_layers(layer_names, wanted))  # a name no layer has: one sentence
+
+
+def check_options(opts, layer_names=None):
+    """One sentence (DrpError) for the first bad knob of `opts`, an `Options`; reads no model.
+
+    Every knob's type and range is checked. The names in `ip_layers` and in per-block scales are checked
+    against each other, and, given `layer_names` (the adapter's attn2 names, e.g. `list(attn2_layers())`
+    for SD 1.5), against the layers that exist.
+    """
     svd_keys.check_split_options(opts.rank_energy, opts.rank_rule, opts.floor, opts.power)
     if opts.late not in LATE_GROUPS:
         raise DrpError(f"late must be \"both\" or \"style-only\", got {opts.late!r}.")
     if not isinstance(opts.bg_placeholder, str):
-        raise DrpError(f"bg_placeholder must be a string (\"\" removes the subject's words), got {opts.bg_placeholder!r}.")
-    if not isinstance(opts.bg_prompt, bool):
-        raise DrpError(f"bg_prompt must be True or False, got {opts.bg_prompt!r}.")
+        raise DrpError(f"bg_placeholder must be a string (\"\" removes the subject's words), "
+                       f"got {opts.bg_placeholder!r}.")
+    for knob in ("bg_prompt", "fixed_switch", "filter_values"):
+        if not isinstance(getattr(opts, knob), bool):
+            raise DrpError(f"{knob} must be True or False, got {getattr(opts, knob)!r}.")
+    wanted = wanted_layers(opts.ip_layers)
+    if layer_names is not None:
+        chosen_layers(layer_names, wanted)
+    for knob in ("scale_early", "scale_late"):
+        check_scale(knob, getattr(opts, knob), wanted, layer_names)
 
 
 def reference_tokens(sd, images):
@@ -161,7 +223,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     """Everything the IP-Adapter mode needs before sampling, or None without a reference (plain text-to-image)."""
     resolve_mode(sd, "ip-adapter", references=content is not None or style is not None)  # or how to get it
     opts = make_options(Options, options, "ip-adapter")
-    check_options(opts)
+    check_options(opts)  # before the adapter is read
     if content_mask is not None or style_mask is not None:
         raise DrpError("the ip-adapter mode splits foreground from background spectrally and takes no masks; "
                        "leave out content_mask/style_mask or choose mode=\"self-attention\".")
@@ -175,9 +237,17 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     if content is not None and not subject and opts.bg_prompt:
         warnings.warn("no subject was given: the early stage keeps the full prompt; pass subject= (the word "
                       "naming it in the prompt) to take it out of the early stage's text.", stacklevel=3)
+    use_bg = opts.bg_prompt and bool(subject) and content is not None
+    bg_prompts = [background_prompt(p, subject, opts.bg_placeholder) for p in prompts] if use_bg else None
+    if use_bg and not all(bg_prompts):
+        warnings.warn(f"the prompt is only the subject {subject!r}, so C_bg, the early stage's text, is empty: the "
+                      "early steps see the empty prompt (as the unconditional rows do) and the references' "
+                      "foreground alone; add words for the rest of the picture, or bg_prompt=False "
+                      "(--no-bg-prompt) to keep the full prompt.", stacklevel=3)
 
     adapter, batch = sd.ip_adapter, len(prompts)
-    layers = chosen_layers(adapter, opts.ip_layers)  # bad layer or block names: refused before any work
+    check_options(opts, adapter.layer_names)  # layer and block names: refused before any picture is read
+    layers = chosen_layers(adapter.layer_names, opts.ip_layers)
     scales = {stage: resolve_scale(scale, layers) for stage, scale in
               (("early", opts.scale_early), ("late", opts.scale_late))}
 
@@ -198,15 +268,16 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
         timings["svd"] = time.perf_counter() - start
     fg = {n: s.fg for n, s in splits.items()}
     bar = {n: s.style for n, s in splits.items()}
+    # the ablation: the early stage's values blind to the background directions too (one matrix per layer)
+    values = {n: svd_keys.filtered_values(adapter.value_weight(n), spectra[n], s.k)
+              for n, s in splits.items()} if opts.filter_values else None
 
-    early = [Part(rows[k], fg) for k in rows]  # the foreground texture of every reference
+    early = [Part(rows[k], fg, values) for k in rows]  # the foreground texture of every reference
     late = ([Part(rows["content"], fg)] if "content" in rows and (opts.late == "both" or "style" not in rows)
             else []) + ([Part(rows["style"], bar)] if "style" in rows else [])
     hooks = {False: StageAttention(adapter, [Group(early, scales["early"])], layers),
              True: StageAttention(adapter, [Group(late, scales["late"])], layers)}
 
-    use_bg = opts.bg_prompt and bool(subject) and content is not None
-    bg_prompts = [background_prompt(p, subject, opts.bg_placeholder) for p in prompts] if use_bg else None
     bg_context = encode_text(sd, bg_prompts) if use_bg else None
 
     report = dict(mode="ip-adapter", subject=subject, content=reference_name(content) if content is not None else None,
@@ -214,7 +285,8 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                   **entropy_switch(h["content"], h["style"], steps, switch_step, opts.fixed_switch),
                   adapter=adapter_name(sd), rank_energy=opts.rank_energy, rank_rule=opts.rank_rule,
                   floor=opts.floor, power=opts.power, scale_early=opts.scale_early, scale_late=opts.scale_late,
-                  late=opts.late, C_bg=bg_prompts[0] if bg_prompts else None,
+                  late=opts.late, filter_values=opts.filter_values, ip_layers=wanted_layers(opts.ip_layers),
+                  C_bg=bg_prompts[0] if bg_prompts else None,
                   rank={n: s.k for n, s in splits.items()},
                   spectrum={n: [round(x, 6) for x in s.sigma.tolist()] for n, s in splits.items()})
     return DualReferenceIP(report["switch_step"], hooks, bg_context, report)

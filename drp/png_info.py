@@ -11,8 +11,8 @@ named `parameters`:
 Line 1 is the prompt, line 2 (only when there is one) the negative prompt, the last line `key: value`
 pairs separated by ", ". Size is width x height. A value holding a comma, a colon or a newline is
 written as a JSON string, as the web UI does, so the line still splits cleanly. DRP-Diff's settings are
-appended as further pairs (`DRP switch step: 23`, …), an image prompt's as `IP-Adapter: ip-adapter_sd15,
-IP-Adapter scale: 0.6, IP-Adapter images: cat.png`.
+appended as further pairs (`DRP switch step: 23`, …; an ablation that is off is left out), an image
+prompt's as `IP-Adapter: ip-adapter_sd15, IP-Adapter scale: 0.6, IP-Adapter images: cat.png`.
 
 The file holds nothing that changes from run to run (no time stamp), so the same seed and settings give
 the same bytes.
@@ -44,12 +44,23 @@ DRP_FIELDS = (
     ("scale_early", "DRP scale early"),
     ("scale_late", "DRP scale late"),
     ("late", "DRP late"),
+    ("ip_layers", "DRP IP layers"),
+    ("filter_values", "DRP filter values"),  # shown only when on, as "Tiled decode"
+    ("C_bg", "DRP C_bg"),
 )
 
 
 def _value(v):
-    """A setting as the web UI writes it: numbers plainly (7.5, 7), text JSON-quoted when it would break the line."""
-    if isinstance(v, float):
+    """A setting as the web UI writes it: numbers plainly (7.5, 7), text JSON-quoted when it would break the line.
+
+    A per-block scale is written as sample.py takes it (`up_blocks.1=1,mid_block=0.5`), a list of names
+    comma-separated.
+    """
+    if isinstance(v, dict):
+        v = ",".join(f"{k}={_value(x)}" for k, x in v.items())
+    elif isinstance(v, (list, tuple)):
+        v = ",".join(map(str, v))
+    elif isinstance(v, float):
         v = round(v, 4)  # 4 decimals: enough to tell settings apart, short enough to read
         v = int(v) if v.is_integer() else v
     text = str(v)
@@ -87,7 +98,7 @@ def parameters_text(info, index=0):
         fields["IP-Adapter scale"] = ip["scale"] if isinstance(ip["scale"], (int, float)) else json.dumps(ip["scale"])
         fields["IP-Adapter images"] = " | ".join(ip["images"])
     drp = info.get("drp") or {}
-    fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None})
+    fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None and drp[key] is not False})
     lines.append(", ".join(f"{key}: {_value(v)}" for key, v in fields.items()))
     return "\n".join(lines)
 

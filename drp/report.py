@@ -13,7 +13,8 @@ H_cu, H_st, ρ, α, and the step N_e at which the early stage handed over to the
      captions, then the prompt, seed and DRP-Diff numbers as text lines
 
 The IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B3) has no masks; its report shows the adapter, the split's
-knobs e/ε/p, the two stages' scales, C_bg, and for every attn2 layer its foreground rank k and its
+knobs e/ε/p, the two stages' scales, the layers with image attention, whether the early stage's values are
+filtered (`filter_values`), C_bg, and for every attn2 layer its foreground rank k and its
 singular values σ_i/σ_1: one small plot per token grid (64², 32², 16², 8² at 512 px), one curve per
 layer, a dot where its top k directions end. Panels for a reference or mask that is not there are left
 out. PIL only, with its default font.
@@ -112,6 +113,13 @@ def short_name(layer):
     return "mid" if parts[0] == "mid_block" else f"{parts[0][0]}{parts[1]}.{parts[3]}"
 
 
+def scale_text(scale):
+    """A stage's scale as sample.py takes it: 0.6, or up_blocks.1=1, mid_block=0.5 for a per-block scale."""
+    if isinstance(scale, dict):
+        return ", ".join(f"{block}={v:g}" for block, v in scale.items())
+    return "n/a" if scale is None else f"{scale:g}"
+
+
 def ip_adapter_lines(drp):
     """The IP-Adapter mode's settings (popped from `drp`): adapter, split knobs, scales, C_bg, per-layer k."""
     if drp.get("mode") != "ip-adapter":
@@ -120,9 +128,13 @@ def ip_adapter_lines(drp):
     drp.pop("spectrum", None)  # drawn, not written
     rule, energy = get("rank_rule", None), get("rank_energy", None)  # e means nothing to the Gavish-Donoho rule
     split = f"e = {energy} (energy rule)" if rule == "energy" else "Gavish-Donoho rule"
+    layers = get("ip_layers", None)
     lines = [f"mode: {get('mode')}, adapter {get('adapter', None)}",
              f"split: {split}, floor eps = {get('floor', None)}, power p = {get('power', None)};   scales: early "
-             f"{get('scale_early', None)}, late {get('scale_late', None)};   late group: {get('late', None)}"]
+             f"{scale_text(get('scale_early', None))}, late {scale_text(get('scale_late', None))};   "
+             f"late group: {get('late', None)}",
+             "image attention in: " + (", ".join(layers) if layers else "every attn2 layer") + ";   early values: "
+             + ("filtered (W_v without the background directions)" if get("filter_values", False) else "W_v")]
     c_bg = get("C_bg", None)
     lines.append(f"C_bg (early-stage text): {c_bg!r}" if c_bg is not None else "C_bg: none (the full prompt throughout)")
     rank = get("rank", None) or {}

@@ -14,12 +14,17 @@ large-σ directions as the foreground (the subject's texture) and the small-σ o
 k is the smallest rank holding a fraction e of the energy Σσ², or the Gavish–Donoho threshold;
 c keeps ‖W̄‖_F = ‖W‖_F so the softmax temperature stays that of the adapter. The floor ε bounds the
 re-weighting: a direction's gain relative to W's (w_i/σ_i against w_1/σ_1) grows by at most ε^(−p), so
-for p = 2 no weight w_i exceeds 1/ε = 20 times w_1. Values (`to_v_ip`) are never filtered.
+for p = 2 no weight w_i exceeds 1/ε = 20 times w_1. Values (`to_v_ip`) are left as they are, except
+under the ablation `filter_values`: `W_v (I − V_bg V_bgᵀ)` with V_bg = V_{k+1…r}, the directions W_fg
+leaves out (`filtered_values`), so that values, like keys, see only the tokens' foreground components.
 
 Where a knob keeps W as it is (k = r, or p = 0), W itself is returned, not its reconstruction from
 the factors, so "e = 1, p = 0" is plain IP-Adapter to the last bit.
 
-The SVDs (16 layers, float32, thin) are computed once per loaded adapter and kept in memory beside it
+The SVDs (16 layers, float32, thin) run on the CPU whatever the model's device (LAPACK's SVD is the
+same everywhere; Apple's MPS backend has had wrong SVDs), under the process's own thread setting, which
+they leave untouched; the matrices made from them then move to the weight's device and dtype. They are
+computed once per loaded adapter and kept in memory beside it
 in a `WeakKeyDictionary` keyed by the adapter module: nothing is stored on the module (its
 parameters, buffers and attributes stay as loaded, so `state_dict` and the next run are untouched),
 and the entry goes when the adapter is freed. An entry remembers the version counters of the weights
@@ -38,7 +43,7 @@ RANK_RULES = ("energy", "gd")
 
 @dataclass(frozen=True)
 class Spectrum:
-    """The thin SVD of one layer's key projection, float32, on the weight's device: W = U diag(S) Vh."""
+    """The thin SVD of one layer's key projection, float32, on the CPU: W = U diag(S) Vh."""
 
     U: torch.Tensor  # (d, r)
     S: torch.Tensor  # (r,) descending
@@ -56,20 +61,14 @@ class KeySplit:
 
 
 def spectrum(weight):
-    """The thin SVD of a (d, 768) weight in float32, on the weight's device.
+    """The thin SVD of a (d, 768) weight, in float32 on the CPU whatever the weight's device and dtype.
 
-    On the CPU with one thread: LAPACK's threaded SVD of matrices this small is slower than one thread
-    (1.1 s against 0.45 s for 1280 × 768 on two cores), and many times slower on a busy machine.
+    The global thread count is left alone: changing it for the call is not undone on every build
+    (PyTorch's native thread pool accepts one setting per process), and threads set by the user or by
+    torchrun are theirs to choose.
     """
-    w = weight.detach().float()
-    if w.device.type != "cpu":
-        return Spectrum(*torch.linalg.svd(w, full_matrices=False))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return Spectrum(*torch.linalg.svd(w, full_matrices=False))
-    finally:
-        torch.set_num_threads(threads)
+    w = weight.detach().to("cpu", torch.float32)
+    return Spectrum(*torch.linalg.svd(w, full_matrices=False))
 
 
 def gavish_donoho_omega(beta):
@@ -84,7 +83,8 @@ def split_rank(sigma, shape, rank_energy=0.5, rank_rule="energy"):
     s = sigma.double()
     if rank_rule == "gd":
         beta = min(shape) / max(shape)
-        k = int((s > gavish_donoho_omega(beta) * s.median()).sum())
+        median = s.quantile(0.5)  # the mean of the two middle values for an even count (torch's median takes the lower)
+        k = int((s > gavish_donoho_omega(beta) * median).sum())
     else:  # the smallest k with Σ_{i≤k} σ_i² ≥ e · Σ σ_i²; the relative slack absorbs rounding at e = 1
         energy = (s**2).cumsum(0)
         k = int((energy < rank_energy * energy[-1] * (1 - 1e-9)).sum()) + 1
@@ -105,6 +105,19 @@ def style_weights(sigma, floor=0.05, power=2):
 def style_matrix(spec, floor=0.05, power=2):
     """W̄ = c · U diag(w) Vᵀ, float32 (d, 768)."""
     return (spec.U * style_weights(spec.S, floor, power)) @ spec.Vh
+
+
+def filtered_values(value_weight, spec, k):
+    """W_v (I − V_bg V_bgᵀ), V_bg = V_{k+1…r}: the values of the `filter_values` ablation, in W_v's device and dtype.
+
+    As W (I − V_bg V_bgᵀ) = W_fg, keys and values then both ignore a token's components along the
+    directions W_fg leaves out. Directions outside W's row space (768 − r of them when d < 768) are kept,
+    as W_fg keeps them. With k = r nothing is left out, and W_v itself is returned.
+    """
+    if k == len(spec.S):
+        return value_weight
+    w_v, v_bg = value_weight.detach().to("cpu", torch.float32), spec.Vh[k:]  # (d, 768), (r − k, 768)
+    return (w_v - (w_v @ v_bg.T) @ v_bg).to(value_weight.device, value_weight.dtype)
 
 
 def is_number(value):

@@ -1,6 +1,8 @@
 """The spectral split of IP-Adapter's image keys (ALGORITHM_IP_ADAPTER.md B1, invariants B4.3)."""
 
 import gc
+import math
+import weakref
 
 import pytest
 import torch
@@ -145,7 +147,108 @@ def test_spectra_are_computed_once_per_adapter_kept_off_it_and_redone_after_an_e
         adapter.w["a"].mul_(2)
     again = svd_keys.spectra(adapter, ["a"])["a"]
     assert again is not first and torch.allclose(again.S, 2 * first.S)
-    n = len(svd_keys._SPECTRA)
+    n, alive = len(svd_keys._SPECTRA), weakref.ref(adapter)
     del adapter
     gc.collect()
-    assert len(svd_keys._SPECTRA) == n - 1  # freed with the adapter
+    assert alive() is None  # the cache does not keep the adapter alive, so its entry goes with it
+    assert len(svd_keys._SPECTRA) <= n - 1  # (other tests' adapters may be collected at the same time)
+
+
+# --- the rules with numbers worked out by hand (ALGORITHM_IP_ADAPTER.md B1) ------------------------------
+
+
+GD_SIGMA = [10.0, 7.0, 5.4, 3.0, 2.5, 1.0, 0.5, 0.2]  # 8 values: the median is (3 + 2.5) / 2 = 2.75
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (20, 8)])
+def test_the_gavish_donoho_threshold_is_omega_of_beta_times_the_median_worked_by_hand(shape):
+    # β = 8/20 = 0.4: ω = 0.56·0.064 − 0.95·0.16 + 1.82·0.4 + 1.43 = 2.04184; threshold 2.04184 · 2.75 = 5.61506,
+    # so σ = 10 and 7 count and 5.4 does not. The lower middle value (2.5) would keep 5.4 (threshold 5.10);
+    # β = 1 would drop 7 (7.87); no ω would keep 3 (2.75); the mean (3.7) would drop 7 (7.55).
+    assert svd_keys.gavish_donoho_omega(0.4) == pytest.approx(2.04184, abs=1e-12)
+    assert svd_keys.split_rank(torch.tensor(GD_SIGMA), shape, rank_rule="gd") == 2
+    w = with_spectrum(GD_SIGMA, shape=shape)
+    assert svd_keys.split_keys(w, rank_rule="gd").k == 2  # the same through a matrix's own SVD
+
+
+def test_the_energy_split_takes_the_smallest_rank_reaching_the_share_exactly_at_its_boundary():
+    sigma = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0])  # σ² = 9, 4, 1, 1, 1: shares 9/16, 13/16, 14/16, 15/16, 1
+    rank = lambda e: svd_keys.split_rank(sigma, (5, 12), rank_energy=e)
+    assert (rank(9 / 16), rank(13 / 16), rank(1.0)) == (1, 2, 5)  # exactly reached: that rank
+    assert (rank(9 / 16 + 1e-6), rank(13 / 16 + 1e-6), rank(13 / 16 - 1e-6), rank(1e-3)) == (2, 3, 2, 1)
+
+
+def test_the_floor_is_relative_to_the_largest_singular_value_worked_by_hand():
+    sigma = [4.0, 2.0, 0.5, 0.1]  # σ_1 = 4 and ε = 0.2: σ below 0.8 count as 0.8
+    w = [4 / 4**2, 2 / 2**2, 0.5 / 0.8**2, 0.1 / 0.8**2]  # σ_i · max(σ_i, ε σ_1)^(−2)
+    c = math.sqrt(sum(s * s for s in sigma) / sum(x * x for x in w))  # ‖W̄‖_F = ‖W‖_F
+    expected = torch.tensor([c * x for x in w])
+    torch.testing.assert_close(svd_keys.style_weights(torch.tensor(sigma), floor=0.2, power=2), expected)
+    spec = svd_keys.spectrum(with_spectrum(sigma, shape=(4, 9)))
+    inner = spec.U.T @ svd_keys.style_matrix(spec, floor=0.2, power=2) @ spec.Vh.T
+    torch.testing.assert_close(inner, torch.diag(expected), rtol=0, atol=1e-5 * c)
+
+
+# --- where and how the SVDs run (ALGORITHM_IP_ADAPTER.md B1: float32, on the CPU, factors moved after) -------
+
+
+class ElsewhereWeight:
+    """A weight that says it lives on another device (meta) in fp16; its values come to the CPU when asked."""
+
+    def __init__(self, values):
+        self.values, self.shape = values, values.shape
+        self.device, self.dtype = torch.device("meta"), torch.float16
+
+    def detach(self):
+        return self
+
+    def to(self, device, dtype):
+        assert torch.device(device).type == "cpu", "the SVD's input must come to the CPU"
+        return self.values.to(device, dtype)
+
+
+def test_a_weight_on_another_device_is_decomposed_on_the_cpu_in_float32_and_its_matrices_go_back(monkeypatch):
+    seen, svd = [], torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: seen.append((a.device.type, a.dtype)) or svd(a, **kw))
+    keys, values = ElsewhereWeight(weight()), ElsewhereWeight(weight(seed=1))
+    split = svd_keys.split_keys(keys)
+    assert seen == [("cpu", torch.float32)]
+    for m in (split.fg, split.style, svd_keys.filtered_values(values, svd_keys.spectrum(keys), split.k)):
+        assert (m.device.type, m.dtype, tuple(m.shape)) == ("meta", torch.float16, (80, 192))
+    assert split.sigma.device.type == "cpu" and split.sigma.dtype == torch.float32
+
+
+def test_a_half_precision_weight_is_decomposed_in_float32():
+    w = weight().bfloat16()
+    spec = svd_keys.spectrum(w)
+    assert spec.S.dtype == torch.float32
+    torch.testing.assert_close(spec.U * spec.S @ spec.Vh, w.float(), rtol=0, atol=ATOL)
+    split = svd_keys.split_keys(w)
+    assert split.fg.dtype == split.style.dtype == torch.bfloat16
+
+
+def test_the_svds_leave_the_thread_count_alone(monkeypatch):
+    before = torch.get_num_threads()
+
+    def refuse(n):
+        raise AssertionError("the SVD changed the process's thread count")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    for shape in SHAPES:
+        svd_keys.spectrum(weight(shape))
+    assert torch.get_num_threads() == before
+
+
+def test_the_filtered_values_leave_out_exactly_the_background_directions():
+    w_k, w_v = weight(), weight(seed=1)
+    spec = svd_keys.spectrum(w_k)
+    k = svd_keys.split_rank(spec.S, tuple(w_k.shape))
+    filtered = svd_keys.filtered_values(w_v, spec, k)
+    v_bg = spec.Vh[k:]
+    torch.testing.assert_close(filtered @ v_bg.T, torch.zeros(80, len(v_bg)), rtol=0, atol=ATOL)  # blind to V_bg
+    kept = torch.randn(192, 192, generator=torch.Generator().manual_seed(2))
+    kept = kept - v_bg.T @ (v_bg @ kept)  # vectors with no V_bg component: seen as W_v sees them
+    torch.testing.assert_close(filtered @ kept, w_v @ kept, rtol=0, atol=ATOL * kept.abs().max().item())
+    # the same projection on the keys gives W_fg (B1: W (I − V_bg V_bgᵀ) = W_fg)
+    torch.testing.assert_close(w_k - (w_k @ v_bg.T) @ v_bg, svd_keys.foreground_matrix(spec, k), rtol=0, atol=ATOL)
+    assert svd_keys.filtered_values(w_v, spec, len(spec.S)) is w_v  # k = r: nothing left out
