@@ -87,7 +87,7 @@ def test_every_field_equals_the_cosine_transformers_gives(models, run, tmp_path)
     items = [json.loads(line) for line in (run / "items.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [i["id"] for i in items]
     assert set(rows[0]) == {"id", "clip_t", "clip_t_bg", "clip_i", "clip_i_cond", "dino", "dino_cond", "style_clip",
-                            "content_leak", "weights"}
+                            "content_leak", "weights", "image"}
     weights = rows[0]["weights"]
     assert weights["clip"]["kind"] == "ViT (64 wide, 2 layers, patch 32)" and weights["clip"]["file"] == "clip/model.safetensors"
     assert weights["clip"]["sha256"] == hashlib.sha256((models / "clip" / "model.safetensors").read_bytes()).hexdigest()
@@ -136,7 +136,8 @@ def test_two_ranks_score_files_merge_into_every_image_exactly_once(models, run):
     merged = read_scores(run)
     assert [r["id"] for r in merged] == [i["id"] for i in items]  # none missing, none twice, in item order
     for got, want in zip(merged, alone):
-        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < TOL for k in got if k != "id")
+        assert got.keys() == want.keys() and got["image"] == want["image"]
+        assert all(abs(got[k] - want[k]) < TOL for k in got if k not in ("id", "image"))
     assert not list(run.glob("scores.rank-*"))  # merged files are removed
 
     write_lines(rank_file(run, 0, 2), merged[:2])
@@ -270,7 +271,7 @@ def test_score_resumes_keeping_rows_of_the_same_weights_and_merging_a_crashed_ra
     assert scored == [full[1]["id"]]
     again = read_scores(run)
     assert [r["id"] for r in again] == [r["id"] for r in full] and again[0] == full[0] and again[2] == full[2]
-    assert all(abs(again[1][k] - full[1][k]) < TOL for k in full[1] if k not in ("id", "weights"))
+    assert all(abs(again[1][k] - full[1][k]) < TOL for k in full[1] if k not in ("id", "weights", "image"))
 
     scored.clear()
     (run / "scores.jsonl").unlink()
@@ -279,6 +280,11 @@ def test_score_resumes_keeping_rows_of_the_same_weights_and_merging_a_crashed_ra
     quiet_score(run, models / "clip", models / "dino")
     assert scored == [full[0]["id"]] and read_scores(run)[1:] == full[1:]
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".scores", "scores"))) == ["scores.jsonl"]
+
+    scored.clear()
+    Image.new("RGB", (64, 64), "red").save(run / "images" / f"{full[2]['id']}.png")  # an image made again
+    quiet_score(run, models / "clip", models / "dino")
+    assert scored == [full[2]["id"]] and read_scores(run)[2]["image"] != full[2]["image"]
 
     scored.clear()
     quiet_score(run, models / "clip")  # other weights (no DINO): every row again
@@ -315,5 +321,5 @@ def test_torchrun_with_two_processes_scores_every_image_once(models, run):
     one = read_scores(run)
     assert [r["id"] for r in two] == [r["id"] for r in one]
     for got, want in zip(two, one):
-        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < TOL for k in got if k not in ("id", "weights"))
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < TOL for k in got if k not in ("id", "weights", "image"))
         assert got["weights"] == want["weights"]

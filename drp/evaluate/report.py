@@ -31,6 +31,7 @@ from .stats import DRAWS, LEVEL, SEED, difference, estimate, units_of
 METRICS = ("clip_t", "clip_t_bg", "clip_i", "clip_i_cond", "dino", "dino_cond", "style_clip", "content_leak")
 KINDS = ("recontextualisation", "accessory", "property")
 UNIT_NAMES = {"subject": "subjects", "style": "style pictures"}
+FEW_UNITS = 10  # below this many units of a factor, report.md says that the intervals are rough
 
 
 def labels(item):
@@ -103,9 +104,9 @@ def summarize(run):
             breakdown[factor][name] = {m: dict(mean=sum(v) / len(v), images=len(v)) for m in METRICS
                                        if (v := [r[m] for r in chosen if m in r])}
     seconds, machine = run_summary(run)
+    size = f"{cfg['width']}x{cfg['height']}" if cfg.get("width") else None  # an imported run: the other tool's
     return dict(run=str(run), name=run.name, bench=cfg["bench"], mode=cfg["mode"], method=method_of(cfg),
-                images=len(ordered), steps=cfg.get("steps"), size=f"{cfg['width']}x{cfg['height']}" if cfg.get(
-                    "width") else None, seconds_per_image=seconds, machine=machine,
+                images=len(ordered), steps=cfg.get("steps"), size=size, seconds_per_image=seconds, machine=machine,
                 weights=common_weights(run, ordered), units=units.count(),
                 metrics={m: e for m, e in metrics.items() if e}, breakdown=breakdown,
                 _ids=[i["id"] for i in items], _units=units, _values={m: [r.get(m) for r in ordered] for m in METRICS})
@@ -173,8 +174,13 @@ def document(summaries, real):
     shown = [m for m in METRICS if any(m in s["metrics"] for s in every)]
     units = ", ".join(sorted({UNIT_NAMES[f] for s in summaries for f in s["units"]})) or "images"
     out = ["# Evaluation report", "",
-           f"Each number is a mean ×100 with its {LEVEL:.0%} interval from a bootstrap over {units} ({DRAWS} draws, "
-           f"seed {SEED}); content_leak: lower is better. Scored with {weights_text(summaries[0]['weights'])}.", ""]
+           f"Each number is a mean ×100 with its {LEVEL:.0%} interval from a bootstrap over {units} ({DRAWS:,} draws, "
+           f"seed {SEED}); content_leak: lower is better. Scored with {weights_text(summaries[0]['weights'])}."]
+    fewest = min((n for s in summaries for n in s["units"].values()), default=0)
+    if fewest < FEW_UNITS:
+        out[-1] += (f" With {fewest} units an interval is rough: the bootstrap needs a few dozen to cover its "
+                    f"nominal {LEVEL:.0%}.")
+    out.append("")
     rows = [[s["name"], s["method"], s["bench"], s["images"], units_text(s["units"]),
              f"{s['seconds_per_image']:.2f}" if s["seconds_per_image"] else "—", s["machine"] or "—"]
             + [number(s["metrics"].get(m)) for m in shown] for s in summaries]
@@ -206,8 +212,11 @@ def report(runs, out=None, real=None, clip=None, dino=None, paired=True, progres
     if real is not None:
         from .real import real_vs_real
 
+        if summaries[0]["weights"] is None:
+            raise DrpError(f"{summaries[0]['run']} was scored before drp recorded which weights score, so the "
+                           "real photos cannot be scored with the same ones; score it again first.")
         subjects = sorted({n for s in summaries for n in s["_units"].levels.get("subject", [])})
-        metrics, per_subject = real_vs_real(real, subjects, summaries[0]["weights"] or {}, clip, dino, progress)
+        metrics, per_subject = real_vs_real(real, subjects, summaries[0]["weights"], clip, dino, progress)
         real_row = dict(data=str(real), images=sum(r["photos"] for r in per_subject.values()),
                         units=dict(subject=len(per_subject)), metrics=metrics, per_subject=per_subject)
     for run in runs:

@@ -20,10 +20,12 @@ rewritten after every batch; once all are written, rank 0 merges them, checking 
 there exactly once, and removes them. Raw cosines are stored; tables scale them.
 
 Resuming: rows already in scores.jsonl, or in rank files a crash left (of any number of ranks), are kept
-when the same weights made them; only the other items are scored. Temporary files of a killed `score`
+when the same weights scored the same image (`image`: its file's sha256, shortened); only the other
+items are scored. Temporary files of a killed `score`
 are removed when it starts again.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def score_items(items, run, clip, dino, data, style_dir, batch_size=16, progress
         generated = [run / item["file"] for item in batch]
         g_clip = clip.images(generated)  # (B, P)
         g_dino = dino.images(generated) if dino else None
-        out = [dict(id=item["id"]) for item in batch]
+        out = [dict(id=item["id"], image=image_digest(path)) for item, path in zip(batch, generated)]
         t = cosine(g_clip, clip_text([item["prompt"] for item in batch]))
         for row, value in zip(out, t.tolist()):
             row["clip_t"] = value
@@ -143,9 +145,15 @@ def weights_of(row):
     return {k: identity(v) for k, v in weights.items()} if isinstance(weights, dict) else None
 
 
-def scored(run, ids, weights):
-    """{id: row} of the rows already scored with `weights`: in scores.jsonl, and in rank files a crash left."""
-    want, rows = weights_of(dict(weights=weights)), {}
+def image_digest(path):
+    """A short sha256 of an image file: a row is kept only for the very image it scored."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def scored(run, files, weights):
+    """{id: row} of the rows already scored with `weights`, of the images now in `files` ({id: file}): in
+    scores.jsonl, and in rank files a crash left."""
+    want, rows, digests = weights_of(dict(weights=weights)), {}, {}
     for path in [Path(run) / "scores.jsonl", *rank_files(run)]:
         lines = path.read_text().splitlines() if path.is_file() else []
         for line in lines:
@@ -153,7 +161,11 @@ def scored(run, ids, weights):
                 row = json.loads(line)
             except ValueError:  # a line cut short: score it again
                 continue
-            if isinstance(row, dict) and row.get("id") in ids and weights_of(row) == want:
+            if not isinstance(row, dict) or row.get("id") not in files or weights_of(row) != want:
+                continue
+            if row["id"] not in digests:
+                digests[row["id"]] = image_digest(Path(run) / files[row["id"]])
+            if row.get("image") == digests[row["id"]]:  # not an image made or imported again since
                 rows[row["id"]] = row
     return rows
 
@@ -176,7 +188,7 @@ def score(run, clip, dino=None, data=None, style_dir=None, device="auto", batch_
         weights = dict(clip=clip_model.weights, dino=dino_model.weights if dino_model else None)
         if ranks.main:  # what a killed score left; nobody writes before the barrier below
             remove_leftovers(run, lambda name: name.startswith("scores."))
-        known = scored(run, {item["id"] for item in items}, weights)
+        known = scored(run, {item["id"]: item["file"] for item in items}, weights)
         R.barrier(ranks)  # every rank has read what is there before any rank file is rewritten
         mine = items[ranks.rank :: ranks.world]
         rows = [dict(known[item["id"]], weights=weights) for item in mine if item["id"] in known]  # where they are now
