@@ -2,6 +2,7 @@
 default and annotation, and a field added to an Options class becomes one with no edit. The CLI's refusals
 before loading are in tests/test_evaluate_run.py."""
 
+import typing
 from dataclasses import dataclass, fields
 
 import pytest
@@ -32,7 +33,7 @@ def test_text_is_typed_by_each_fields_default_and_annotation():
 
 
 @pytest.mark.parametrize("mode, knob, sentence", [
-    ("ip-adapter", dict(rank_energy="nan"), "--set rank_energy='nan' is not a value of rank_energy, which takes a number"),
+    ("ip-adapter", dict(rank_energy="nan"), "--set rank_energy='nan' is not a value of rank_energy, which takes a"),
     ("ip-adapter", dict(switch_step="1.5"), "switch_step, which takes a whole number"),
     ("ip-adapter", dict(scale_late="up_blocks.1"), "which takes a number or BLOCK=NUMBER pairs"),
     ("self-attention", dict(record_t="200,late"), "record_t, which takes whole numbers separated by commas"),
@@ -52,10 +53,14 @@ def test_a_field_added_to_an_options_class_is_a_knob_without_an_edit(monkeypatch
         filter_values: bool = False
         value_scale: object = 1.0  # a scale, like scale_early
         value_layers: tuple = ("up_blocks.1",)
+        value_floor: typing.Optional[float] = None
+        value_steps: int | None = None
 
     monkeypatch.setattr(K, "OPTIONS", dict(K.OPTIONS, **{"ip-adapter": Grown}))
     got = K.typed_knobs("ip-adapter", dict(filter_values="true", value_scale="up_blocks.2=0.5",
-                                           value_layers="up_blocks.1,up_blocks.2"))
-    assert got == dict(filter_values=True, value_scale={"up_blocks.2": 0.5}, value_layers=("up_blocks.1", "up_blocks.2"))
+                                           value_layers="up_blocks.1,up_blocks.2", value_floor="0.1",
+                                           value_steps="none"))
+    assert got == dict(filter_values=True, value_scale={"up_blocks.2": 0.5}, value_floor=0.1, value_steps=None,
+                       value_layers=("up_blocks.1", "up_blocks.2"))
     with pytest.raises(DrpError, match="filter_values, which takes true or false"):
         K.typed_knobs("ip-adapter", dict(filter_values="sometimes"))

@@ -89,7 +89,8 @@ def test_every_field_equals_the_cosine_transformers_gives(models, run, tmp_path)
     assert set(rows[0]) == {"id", "clip_t", "clip_t_bg", "clip_i", "clip_i_cond", "dino", "dino_cond", "style_clip",
                             "content_leak", "weights", "image"}
     weights = rows[0]["weights"]
-    assert weights["clip"]["kind"] == "ViT (64 wide, 2 layers, patch 32)" and weights["clip"]["file"] == "clip/model.safetensors"
+    assert weights["clip"]["kind"] == "ViT (64 wide, 2 layers, patch 32)"
+    assert weights["clip"]["file"] == "clip/model.safetensors"
     assert weights["clip"]["sha256"] == hashlib.sha256((models / "clip" / "model.safetensors").read_bytes()).hexdigest()
     assert weights["dino"]["eps"] == 1e-12 and weights["dino"]["model"] == "DINO"  # transformers ViTConfig's
 
@@ -321,5 +322,6 @@ def test_torchrun_with_two_processes_scores_every_image_once(models, run):
     one = read_scores(run)
     assert [r["id"] for r in two] == [r["id"] for r in one]
     for got, want in zip(two, one):
-        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < TOL for k in got if k not in ("id", "weights", "image"))
+        assert got.keys() == want.keys()
+        assert all(abs(got[k] - want[k]) < TOL for k in got if k not in ("id", "weights", "image"))
         assert got["weights"] == want["weights"]

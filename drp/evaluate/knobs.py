@@ -22,6 +22,7 @@ weights. config.json keeps the values as JSON (tuples become lists); `options_fo
 
 import json
 import math
+import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,15 +46,24 @@ def knobs_of(mode):
     return {f.name: f for f in fields(OPTIONS[mode])} | GENERATE_KNOBS
 
 
+def type_name(annotation):
+    """'float' for float, Optional[float] and float | None; the name of any other annotation."""
+    if isinstance(annotation, str):  # `from __future__ import annotations`
+        return annotation.replace("Optional[", "").split(" |")[0].split("[")[0].rstrip("]")
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if inner and len(inner) < len(typing.get_args(annotation)):  # X | None: the X
+        annotation = inner[0]
+    return getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))
+
+
 def kind_of(field):
     """How a knob's text is read: "bool", "int", "float", "str", "tuple", "scale" or "text"."""
-    name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    default = field.default
+    name, default = type_name(field.type), field.default
     if name == "bool" or isinstance(default, bool):
         return "bool"
     if name in ("int", "float", "str"):
         return name
-    if name == "tuple" or isinstance(default, tuple):
+    if name in ("tuple", "list") or isinstance(default, (tuple, list)):
         return "tuple"
     if isinstance(default, (int, float)):
         return "scale"

@@ -156,7 +156,8 @@ def number(stat, sign=False):
         return "—"
     mean = f"{100 * stat['mean']:{'+' if sign else ''}.2f}"
     ci = stat.get("ci")
-    return mean + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "") + (" *" if stat.get("excludes_zero") else "")
+    interval = f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
+    return mean + interval + (" *" if stat.get("excludes_zero") else "")
 
 
 def units_text(count):
