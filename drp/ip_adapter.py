@@ -23,6 +23,7 @@ ip_adapter/attention_processor.py `IPAttnProcessor2_0`); equal to diffusers' `lo
 (tests/test_ip_adapter.py).
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -286,6 +287,32 @@ def resolve_scale(scale, layer_names):
         keys = [key for key in scale if name == key or name.startswith(key + ".")]
         resolved[name] = float(scale[max(keys, key=len)]) if keys else 0.0
     return resolved
+
+
+def parse_scale(text):
+    """A scale written as text -> a number or {block: number}: "0.6", or "up_blocks.1=1,mid_block=0.5".
+
+    The one reading of `--ip-scale` (and of the ip-adapter mode's scale knobs given as text); which
+    blocks exist is `resolve_scale`'s to check, against the adapter's layers.
+    """
+    def number(part):
+        value = float(part)  # ValueError for text that is no number
+        if not math.isfinite(value):
+            raise ValueError(part)
+        return value
+
+    try:
+        return number(text)
+    except ValueError:
+        pass
+    pairs = [part.partition("=") for part in str(text).split(",")]
+    try:
+        if all(eq and block.strip() for block, eq, _ in pairs):
+            return {block.strip(): number(value) for block, _, value in pairs}
+    except ValueError:
+        pass
+    raise DrpError(f"the IP-Adapter scale {text!r} is neither a number nor BLOCK=NUMBER pairs separated by "
+                   "commas; write e.g. 0.6 or up_blocks.1=1,mid_block=0.5.")
 
 
 def image_prompt(sd, images, scale, rows):

@@ -6,6 +6,7 @@ what `score` computes: unit embeddings whose dot products are the metrics.
 """
 
 import gc
+import hashlib
 
 import numpy as np
 import pytest
@@ -89,6 +90,10 @@ def test_clip_b32_folder_gives_the_text_and_image_embeddings_of_transformers(tmp
     assert got_text.shape == (2, 512) and got_image.shape == (2, 512)
     assert relative_error(got_text, want_text) < TOL
     assert relative_error(got_image, want_image) < TOL
+    weights = ours.weights  # what score records: the kind from the shapes, the file, its sha256
+    assert (weights["model"], weights["kind"]) == ("CLIP", "ViT-B/32")
+    assert weights["file"] == f"{tmp_path.name}/model.safetensors"
+    assert weights["sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_clip_l14_text_tower_pools_at_the_first_end_of_text_and_projects_like_transformers():
@@ -140,6 +145,9 @@ def test_dino_s16_from_either_file_gives_the_cls_token_of_transformers_vit(tmp_p
         torch.save(original_dino_keys(load_file(str(tmp_path / "model.safetensors"))), path)
     ours = load_dino(path)
     assert (ours.model.cfg.eps, ours.model.cfg.heads, ours.model.cfg.layers) == (eps, 6, 2)
+    assert (ours.weights["kind"], ours.weights["eps"]) == ("ViT-S/16", eps)
+    assert ours.weights["sha256"] == hashlib.sha256((path if path.is_file() else path / "model.safetensors")
+                                                    .read_bytes()).hexdigest()
     with torch.no_grad():
         want = F.normalize(ref(pixel_values=dino_pixels(pictures())).last_hidden_state[:, 0], dim=-1)
     assert relative_error(ours.images(pictures()), want) < TOL

@@ -10,7 +10,14 @@ and of `score` (the real photos of each subject). The protocol is docs/EVALUATIO
   numbered with gaps, so the listing is sorted; the first photo is the conditioning image.
 - **Style pictures**: any folder of pictures (StyleBench's layout `<style>/<image>` or flat), sorted by
   their path; without a folder, the project's own public-domain paintings in `assets/`.
-- **Content prompts** for the style benchmark: 20 short subjects, as in StyleBench's text-driven protocol.
+  A picture may carry a caption, `<picture>.txt` beside it: one line naming what it shows ("a screaming
+  figure on a bridge"), for the content-leak score.
+- **Content prompts** for the style benchmark: 20 short subjects. The list is the project's own, written in
+  the manner of StyleBench's text-driven protocol; StyleBench's published list is not stored here, so
+  numbers on this list are not StyleBench's.
+- **Prompt kinds** (breakdowns), by a prompt's position in its DreamBench list (docs/EVALUATION.md):
+  objects 1–20 recontextualisation, 21–25 property; live subjects 1–10 recontextualisation, 11–20
+  accessory, 21–25 property.
 """
 
 import re
@@ -25,6 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LIVE_CLASSES = ("cat", "dog")  # DreamBench's live subjects get the "Live Subject Prompts"
 DOWNLOAD_HINT = "download it with `python -m drp.evaluate download dreambench --out DATA`"
 
+# the project's own list (see the header): not StyleBench's published one
 CONTENT_PROMPTS = (
     "A bench", "A bird", "A butterfly", "A car", "A cat", "A dog", "An elephant", "A guitar", "A horse",
     "A house with a tree beside", "A laptop", "A lighthouse", "A motorcycle", "A mountain", "A penguin",
@@ -71,6 +79,24 @@ def read_prompts_and_classes(path):
         raise DrpError(f"{path} is not DreamBench's prompts_and_classes.txt (no subjects or prompt lists); "
                        f"{DOWNLOAD_HINT}.")
     return classes, lists["object"], lists["live"]
+
+
+def prompt_kind(index, live):
+    """The kind of DreamBench prompt number `index` (0-based) of the object list, or of the live list."""
+    if index >= 20:
+        return "property"  # "a red …", "a purple …", "a shiny …", "a wet …", "a cube shaped …"
+    if live and index >= 10:
+        return "accessory"  # hats, outfits, glasses, a scarf, a shirt
+    return "recontextualisation"  # backgrounds: "in the jungle", "with a city in the background", …
+
+
+def caption(style_dir, style):
+    """The caption of a style picture (`<picture>.txt` beside it, its first line), or None."""
+    path = (Path(style_dir) / style).with_suffix(".txt")
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    return lines[0].strip() or None if lines else None
 
 
 def photos_in(folder):

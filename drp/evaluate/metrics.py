@@ -13,10 +13,16 @@ photos, the style score between an image and its style picture. The networks are
   channels per head, LayerNorm eps 1e-6 as DINO's code sets it) or the `facebook/dino-vits16` folder
   (eps from its config.json: 1e-12 there), mapped onto drp/vision.py's names.
 
+Which weights scored a run is part of its numbers (an L/14 score is not a B/32 one): each scorer
+carries `weights`, a description of its file: the model, its kind ("ViT-L/14", from the shapes), the
+file's name and sha256, DINO's LayerNorm ε, and where it was read (`path`); the name and place are not
+part of its identity (`identity`).
+
 Preprocessing is each model's own, pixel for pixel (drp/image_processing.py): CLIP's resize-and-crop to
 224 with CLIP's mean/std; DINO's resize to 256, crop 224, ImageNet mean/std.
 """
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -51,8 +57,40 @@ def read_state(path, hint):
     return state
 
 
+def sha256_of(path):
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+SIZES = {384: "S", 768: "B", 1024: "L", 1280: "H"}  # ViT widths by their usual letters
+
+
+def vit_kind(cfg):
+    """'ViT-L/14' for a vision config of a usual size, else its width, depth and patch."""
+    if cfg.dim in SIZES:
+        return f"ViT-{SIZES[cfg.dim]}/{cfg.patch_size}"
+    return f"ViT ({cfg.dim} wide, {cfg.layers} layers, patch {cfg.patch_size})"
+
+
+def describe(model, cfg, file, name, given, **extra):
+    """A scorer's `weights`: what scored, by content (the sha256 of `file`) and by name; `given`: what
+    --clip/--dino named (a folder or a file), to read the same weights again."""
+    return dict(model=model, kind=vit_kind(cfg), file=name, sha256=sha256_of(file), **extra,
+                path=str(Path(given).resolve()))
+
+
+def identity(weights):
+    """What makes two scorings comparable: the weights' description without the file's name and place (the
+    same file copied or renamed scores the same)."""
+    return None if weights is None else {k: v for k, v in weights.items() if k not in ("file", "path")}
+
+
 def read_folder(folder, kind, hint):
-    """(config.json dict, state dict) of a transformers folder whose model_type must be `kind`."""
+    """(config.json dict, state dict, weights file) of a transformers folder whose model_type must be `kind`."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not folder.is_dir() or not config_path.is_file():
@@ -66,14 +104,15 @@ def read_folder(folder, kind, hint):
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise DrpError(f"{folder} has no {' or '.join(WEIGHT_FILES)}; {hint}.")
-    return config, read_state(weights, hint)
+    return config, read_state(weights, hint), weights
 
 
 class CLIPScorer:
     """CLIP's two towers and its tokenizer: normalised text and image embeddings."""
 
-    def __init__(self, text_model, image_model, device):
+    def __init__(self, text_model, image_model, device, weights=None):
         self.text_model, self.image_model, self.device = text_model, image_model, device
+        self.weights = weights  # `describe`
         self.tokenizer = Tokenizer()  # OpenAI's CLIPs share SD's vocabulary
 
     @torch.no_grad()
@@ -90,7 +129,7 @@ class CLIPScorer:
 
 def load_clip(folder, device="cpu"):
     """A `CLIPScorer` from a transformers CLIPModel folder, in fp32 on `device`."""
-    config, state = read_folder(folder, "clip", CLIP_HINT)
+    config, state, path = read_folder(folder, "clip", CLIP_HINT)
     state = {k: v for k, v in state.items() if k not in IGNORED}
     with torch.device("meta"):  # shapes only: the file's tensors are assigned, nothing is initialised
         text = CLIPTextModelWithProjection(CLIPConfig.from_transformers(config), config.get("projection_dim", 512))
@@ -102,14 +141,16 @@ def load_clip(folder, device="cpu"):
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise DrpError(f"the text half of {folder} does not fit its config.json ({first}); {CLIP_HINT}.") from None
     load_state(image, clip_from_transformers(state), what="CLIP image")  # any stray tensor is named
-    return CLIPScorer(text.to(device).eval().float(), image.to(device).eval().float(), device)
+    weights = describe("CLIP", image.cfg, path, f"{Path(folder).resolve().name}/{path.name}", folder)
+    return CLIPScorer(text.to(device).eval().float(), image.to(device).eval().float(), device, weights)
 
 
 class DINOScorer:
     """DINO's backbone: normalised final-norm CLS tokens."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, weights=None):
         self.model, self.device = model, device
+        self.weights = weights  # `describe`
 
     @torch.no_grad()
     def images(self, pictures):
@@ -135,18 +176,21 @@ def load_dino(path, device="cpu"):
     """A `DINOScorer` from dino_deitsmall16_pretrain.pth or a facebook/dino-vits16 folder, fp32 on `device`."""
     path = Path(path)
     if path.is_dir():
-        config, state = read_folder(path, "vit", DINO_HINT)
+        config, state, file = read_folder(path, "vit", DINO_HINT)
         cfg, ours = VisionConfig.from_transformers(config), dino_from_transformers(state)
+        name = f"{path.resolve().name}/{file.name}"
     elif path.is_file():
         state = read_state(path, DINO_HINT)
         cfg = dino_config_of(state)
         ours = dino_from_original(state)
+        file, name = path, path.name
     else:
         raise DrpError(f"{path} does not exist; {DINO_HINT}.")
     with torch.device("meta"):
         model = VisionTransformer(cfg)
     model = load_state(model, ours, what="DINO")
-    return DINOScorer(model.to(device).eval().float(), device)
+    weights = describe("DINO", cfg, file, name, path, eps=cfg.eps)
+    return DINOScorer(model.to(device).eval().float(), device, weights)
 
 
 def cosine(a, b):

@@ -8,6 +8,7 @@ below returns its input, so the same code runs either way.
 """
 
 import os
+import platform
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,3 +98,18 @@ def gather(ranks, values):
 def barrier(ranks):
     if ranks.joined:
         dist.barrier()
+
+
+def device_name(device):
+    """What a run's table says of the machine: the GPU's name, or the CPU's model (Linux) and threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    cpu = platform.processor() or platform.machine() or "CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
