@@ -5,6 +5,7 @@
     python sample.py --prompt "a cat on a beach" --content cat.jpg --subject cat --style painting.jpg
     python sample.py --mode self-attention                     # the demo without IP-Adapter, even where it is converted
     python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
+    python sample.py --attention-maps cat,beach,content,style   # the demo, and where each acts: 42-attention.png
 
 On a fresh machine (no converted weights in --weights) it first downloads the SD 1.5 checkpoint and
 converts it, as `python convert_weights.py --download` does; `--no-download` stops with an error instead.
@@ -21,7 +22,8 @@ import warnings
 from pathlib import Path
 
 import drp
-from drp import cache
+from drp import cache, heatmaps
+from drp.attention_maps import check_names
 from drp.convert import convert
 from drp.convert import output_paths as converted_paths
 from drp.devices import resolve_device, resolve_dtype
@@ -32,9 +34,11 @@ from drp.errors import DrpError
 from drp.images import load_image
 from drp.ip_adapter import attn2_layers, resolve_scale
 from drp.method_common import MODES, resolve_mode
+from drp.model_io import VOCAB
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
+from drp.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # With no --prompt: a cat photo as the subject, a painting as the style (licences in assets/README.md).
@@ -149,6 +153,9 @@ def parse_args(argv=None):
                    help="torch.compile the UNet: 1.5× faster steps on a GPU after minutes of compiling "
                         "(more with references); no gain on a CPU")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--attention-maps", metavar="NAMES",
+                   help="comma-separated words of the prompt, and content/style for the references: also write "
+                        "<image>-attention.png, where in the image each of them acts, per stage")
     return p.parse_args(argv)
 
 
@@ -223,6 +230,10 @@ def checked_settings(args):
     if needs_ip and missing:
         raise DrpError(f"{needs_ip} needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
                        "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
+    if args.attention_maps:  # the prompt's words are known from its text alone: no weights needed
+        vocab = Path(args.weights) / VOCAB
+        check_names(Tokenizer(vocab if vocab.is_file() else None), [args.prompt], args.attention_maps,
+                    args.content is not None, args.style is not None)
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
@@ -301,12 +312,15 @@ def run(args):
     if args.clear_cache:
         folder = args.cache_dir or cache.default_cache_dir()
         print(f"cache cleared: {folder} ({cache.clear(folder)} removed)")
-    result = drp.generate(sd, args.prompt, **generate_settings(args, mode))
+    result = drp.generate(sd, args.prompt, attention_maps=args.attention_maps, **generate_settings(args, mode))
 
     paths[0].parent.mkdir(exist_ok=True)  # only the default folder can be missing here
     for k, (image, path) in enumerate(zip(result.images, paths)):
         save_png(image, path, parameters_text(result.info, k))
         print(f"saved {path} (seed {result.info['seeds'][k]})")
+        if result.attention_maps:
+            print(f"saved {heatmaps.save_picture(heatmaps.picture_path(path), image, result.attention_maps, k)} "
+                  "(attention maps)")
     if args.report:
         save_report(args.report, result, args.content, args.style)
         print(f"saved {args.report} (report)")
