@@ -132,26 +132,26 @@ class AttentionMaps:
         self.refs = [n for n in names if n in REFERENCES]
         self.totals = {stage: {n: torch.zeros(self.batch, *self.grid) for n in names} for stage in self.stages}
         self.steps = dict.fromkeys(self.stages, 0)
-        self.step = None
+        self.current = None
 
     def hook(self, late, hook):
         """The hook of the next step: `hook` (None: plain attention) watched by a new StepRecorder."""
         self.end_step()
-        self.step = StepRecorder(self, late)
-        return Watched(hook, self.step)
+        self.current = StepRecorder(self, late)
+        return Watched(hook, self.current)
 
     def end_step(self):
         """Add the last step's maps to the sums of "all" and of its stage."""
-        if self.step is None:
+        if self.current is None:
             return
-        stages = ["all"] + (["late" if self.step.late else "early"] if len(self.stages) > 1 else [])
+        stages = ["all"] + (["late" if self.current.late else "early"] if len(self.stages) > 1 else [])
         for name in self.names:
-            m = self.step.step_map(name, self.grid)
+            m = self.current.step_map(name, self.grid)
             for stage in stages:
                 self.totals[stage][name] += m
         for stage in stages:
             self.steps[stage] += 1
-        self.step = None
+        self.current = None
 
     def result(self):
         """{name: {stage: (B, h, w) float32 on the CPU}}: each stage's mean over its steps."""
