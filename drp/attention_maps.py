@@ -128,7 +128,8 @@ class AttentionMaps:
         # the text each conditional row reads, per stage (late: True): C_bg in the IP-Adapter mode's early stage
         early = method.bg_prompts if isinstance(method, DualReferenceIP) and method.bg_prompts else prompts
         words = [n for n in names if n not in REFERENCES]
-        self.tokens = {late: token_weights(sd.tokenizer, texts, words) for late, texts in ((False, early), (True, prompts))}
+        self.tokens = {late: token_weights(sd.tokenizer, texts, words)  # {late: {word: (B, 77)}}
+                       for late, texts in ((False, early), (True, prompts))}
         self.refs = [n for n in names if n in REFERENCES]
         self.totals = {stage: {n: torch.zeros(self.batch, *self.grid) for n in names} for stage in self.stages}
         self.steps = dict.fromkeys(self.stages, 0)

@@ -14,7 +14,6 @@ import torch
 
 import drp
 from checkpoints import randomize_
-from drp import dual_reference as dr
 from drp.attention import attend
 from drp.attention_maps import save_npz
 from drp.errors import DrpError
@@ -90,7 +89,9 @@ def assert_close(got, want, what):
 
 def check_words(result, spy, switch=None, early_positions=POSITIONS):
     n = len(spy.steps)
-    stages = {"all": range(n)} if switch is None else {"all": range(n), "early": range(switch), "late": range(switch, n)}
+    stages = {"all": range(n)}
+    if switch is not None:
+        stages |= {"early": range(switch), "late": range(switch, n)}
     assert set(result.attention_maps) >= set(WORDS)
     for word in WORDS:
         assert set(result.attention_maps[word]) == set(stages)
