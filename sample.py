@@ -5,6 +5,7 @@
     python sample.py --prompt "a cat on a beach" --content cat.jpg --subject cat --style painting.jpg
     python sample.py --mode self-attention                     # the demo without IP-Adapter, even where it is converted
     python sample.py --prompt "a cat, best quality" --ip-image cat.jpg --ip-scale 0.6   # IP-Adapter image prompt
+    python sample.py --attention-maps cat,beach,content,style   # the demo, and where each acts: 42-attention.png
 
 On a fresh machine (no converted weights in --weights) it first downloads SD 1.5, and IP-Adapter with its
 image encoder for the paper's mode (6.8 GB in all; `--mode self-attention`: SD 1.5 alone, 4.3 GB), and
@@ -25,7 +26,8 @@ import warnings
 from pathlib import Path
 
 import drp
-from drp import cache, first_run
+from drp import cache, first_run, heatmaps
+from drp.attention_maps import check_names
 from drp.devices import resolve_device, resolve_dtype
 from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
@@ -35,10 +37,11 @@ from drp.ip_adapter import resolve_scale
 from drp.method_common import MODES, resolve_mode
 from drp.mode_flags import (check_mode_settings, ip_files_missing, ip_knobs, planned_mode, self_attention_knobs,
                             unet_layer_names)
-from drp.model_io import read_model_json
+from drp.model_io import VOCAB, read_model_json
 from drp.sampling import check_settings
 from drp.png_info import parameters_text, save_png
 from drp.report import save_report
+from drp.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # With no --prompt: a cat photo as the subject, a painting as the style (licences in assets/README.md).
@@ -172,6 +175,9 @@ def parse_args(argv=None):
                    help="torch.compile the UNet: 1.5× faster steps on a GPU after minutes of compiling "
                         "(more with references); no gain on a CPU")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--attention-maps", metavar="NAMES",
+                   help="comma-separated words of the prompt, and content/style for the references: also write "
+                        "<image>-attention.png, where in the image each of them acts, per stage")
     return p.parse_args(argv)
 
 
@@ -253,6 +259,10 @@ def checked_settings(args):
         raise DrpError(f"{needs_ip} needs IP-Adapter's files, and {args.weights} lacks {', '.join(missing)}; "
                        "add them with `python convert_weights.py --download ip-adapter` (or ip-adapter-plus).")
     check_mode_settings(args, mode, why)
+    if args.attention_maps:  # the prompt's words are known from its text alone: no weights needed
+        vocab = Path(args.weights) / VOCAB
+        check_names(Tokenizer(vocab if vocab.is_file() else None), [args.prompt], args.attention_maps,
+                    args.content is not None, args.style is not None)
     if args.report:
         if Path(args.report).suffix.lower() != ".png":
             raise DrpError(f"the report is a PNG picture; give --report a name ending in .png, not {args.report}.")
@@ -338,12 +348,15 @@ def run(args):
     if args.clear_cache:
         folder = args.cache_dir or cache.default_cache_dir()
         print(f"cache cleared: {folder} ({cache.clear(folder)} removed)")
-    result = drp.generate(sd, args.prompt, **generate_settings(args, mode))
+    result = drp.generate(sd, args.prompt, attention_maps=args.attention_maps, **generate_settings(args, mode))
 
     paths[0].parent.mkdir(exist_ok=True)  # only the default folder can be missing here
     for k, (image, path) in enumerate(zip(result.images, paths)):
         save_png(image, path, parameters_text(result.info, k))
         print(f"saved {path} (seed {result.info['seeds'][k]})")
+        if result.attention_maps:
+            print(f"saved {heatmaps.save_picture(heatmaps.picture_path(path), image, result.attention_maps, k)} "
+                  "(attention maps)")
     if args.report:
         save_report(args.report, result, args.content, args.style)
         print(f"saved {args.report} (report)")

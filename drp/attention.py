@@ -13,6 +13,12 @@ says which layer is asking (its dotted name in the checkpoint, whether it is cro
 the token grid of the queries), so a hook can decide per layer without any state on the module.
 Adding reference keys/values is one `torch.cat` on the token axis (dim 2) before `attend`.
 
+Hooks compose: `Watched(hook, watcher)` runs a hook (or plain attention for None) and shows every call
+to a watcher that reads attention without changing it (drp/attention_maps.py); a hook that attends to
+more than its `k` can lay each of its softmaxes open as `Attended` records through an optional method
+`hook.softmaxes(attn, q, k, v, call)`, so that such a watcher sees the weights the hook really uses.
+How to write one: docs/HOOKS.md.
+
 Follows `CrossAttention` of CompVis/stable-diffusion (ldm/modules/attention.py); parameter names
 are diffusers' (`to_q`, `to_k`, `to_v`, `to_out.0`).
 """
@@ -54,6 +60,45 @@ def attention_probs(q, k, bias=None):
 def attend_explicit(q, k, v, bias=None):
     """The same as `attend`, written out: for reading, and for methods that need the weights."""
     return (attention_probs(q, k, bias) @ v.float()).to(v.dtype)
+
+
+@dataclass(frozen=True)
+class Attended:
+    """One softmax a hook computes, laid open: which keys some queries weigh, and whose keys they are.
+
+    Its weights are `attention_probs(q, k, bias)`. A hook that attends to more than the layer's own
+    keys (reference tokens, a second softmax over image tokens) returns one of these per softmax from
+    `hook.softmaxes(attn, q, k, v, call)`, built by the same code as its forward pass.
+    """
+
+    q: torch.Tensor  # (R, h, N, d): the queries as this softmax sees them (after any change the hook makes)
+    k: torch.Tensor  # (R, h, M, d): all of its keys
+    rows: range  # which rows of the UNet batch q and k belong to
+    labels: dict  # {source: slice of the key axis}, e.g. {"content": slice(64, 80)}: whose keys those are
+    bias: Optional[torch.Tensor] = None  # (1, M): added to the logits of every row, head and query
+    queries: Optional[torch.Tensor] = None  # (R, N) bool: the queries this softmax serves (None: all of them)
+
+
+def plain_or(hook, attn, q, k, v, call):
+    """What a layer computes under `hook`: the hook's output, or plain attention when `hook` is None."""
+    return attend(q, k, v) if hook is None else hook(attn, q, k, v, call)
+
+
+class Watched:
+    """The hook `hook` (None: plain attention) with a watcher that sees every call and changes nothing.
+
+    `watcher(attn, q, k, v, call, hook)` is called after the hook, and the hook's output is returned
+    untouched: so a watcher (drp/attention_maps.py) cannot change a pixel. It gets `hook` to ask it
+    for its `softmaxes` where the hook has them.
+    """
+
+    def __init__(self, hook, watcher):
+        self.hook, self.watcher = hook, watcher
+
+    def __call__(self, attn, q, k, v, call):
+        out = plain_or(self.hook, attn, q, k, v, call)
+        self.watcher(attn, q, k, v, call, self.hook)
+        return out
 
 
 def run_hook(hook, attn, q, k, v, call):

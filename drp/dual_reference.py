@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cache, entropy, masks
-from .attention import attend, attention_probs
+from .attention import Attended, attend, attention_probs
 from .errors import DrpError
 from .images import fit, load_image, load_mask
 from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, subject_positions,
@@ -227,13 +227,27 @@ class StepHook:
             if self.step >= m.opts.gen_mask_warmup and in_layers(call.name, m.opts.mask_layers):
                 self.record_subject(q[m.batch : g], k[m.batch : g], call.hw)
             return attend(q, k, v)
-        if not (call.name.endswith("attn1") and in_layers(call.name, m.opts.layers)):
+        if not self.injects(call):
             return attend(q, k, v)
         start = 0 if m.opts.share_uncond else m.batch  # rows before `start` attend as in plain SD
         plain = [attend(q[:start], k[:start], v[:start])] if start else []
         injected = self.inject(q[start:g], k[start:g], v[start:g], k[g:], v[g:], q[g:], call.hw)
         replayed = attend(q[g:], k[g:], v[g:])  # the references attend to themselves, as when inverted
         return torch.cat(plain + [injected, replayed])
+
+    def injects(self, call):
+        """Whether this layer is one whose self-attention sees the references."""
+        return not call.is_cross and call.name.endswith("attn1") and in_layers(call.name, self.m.opts.layers)
+
+    def softmaxes(self, attn, q, k, v, call):
+        """The generated rows' injected softmaxes, laid open (`attention.Attended`, for drp/attention_maps.py)
+        from the same `attended` as `inject`; [] where nothing is injected."""
+        if not self.injects(call):
+            return []
+        g, start = 2 * self.m.batch, 0 if self.m.opts.share_uncond else self.m.batch
+        q, fore, back, fg = self.attended(q[start:g], k[start:g], v[start:g], k[g:], v[g:], q[g:], call.hw)
+        sets = [(fore, fg)] + ([(back, ~fg)] if back is not None else [])  # subject queries, then the others
+        return [Attended(q, s.k, range(start, g), s.labels, s.bias, served) for s, served in sets]
 
     def record_subject(self, q, k, hw):
         """Accumulate the prompt's subject cross-attention of the conditional rows: (B, h', w')."""
@@ -259,6 +273,15 @@ class StepHook:
 
     def inject(self, q, k, v, k_ref, v_ref, q_ref, hw):
         """DRP-Diff attention for the generated rows q/k/v (G, h, N, d) given the reference rows."""
+        q, fore, back, fg = self.attended(q, k, v, k_ref, v_ref, q_ref, hw)
+        if fg is None:  # every query sees the same keys
+            return attend(q, fore.k, fore.v, fore.bias)
+        return attend_split(q, fg, (fore.k, fore.v), (back.k, back.v))
+
+    def attended(self, q, k, v, k_ref, v_ref, q_ref, hw):
+        """What the generated queries attend to (ALGORITHM.md §3), as (q, fore, back, fg): the queries (AdaIN'd
+        in the late stage), the `Keys` of the subject's queries and of the others, and the subject mask fg
+        (rows, N) bool; fg and back are None when every query sees `fore`."""
         m, rows = self.m, q.shape[0]
         index = {kind: j for j, kind in enumerate(m.refs)}
 
@@ -267,14 +290,15 @@ class StepHook:
 
         has_cu, has_st = "content" in m.refs, "style" in m.refs
         if not self.late:
-            ks, vs, bias = [k], [v], [torch.zeros(k.shape[2])]
+            ks, vs, bias, labels = [k], [v], [torch.zeros(k.shape[2])], {}
             for kind, b in (("content", m.opts.content_bias), ("style", 0.0)):
                 if kind in m.refs:
                     ks.append(part(kind, "fg", k_ref))
                     vs.append(part(kind, "fg", v_ref))
+                    labels[kind] = following(ks[:-1], ks[-1])
                     bias.append(torch.full((ks[-1].shape[2],), b))
             bias = torch.cat(bias).to(q.device, q.dtype)[None]  # (1, M): the same for every query
-            return attend(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), bias if bias.any() else None)
+            return q, Keys(torch.cat(ks, dim=2), torch.cat(vs, dim=2), labels, bias if bias.any() else None), None, None
 
         if has_st:  # late stage: the style's background is the texture source
             k_bg, v_bg = part("style", "bg", k_ref), part("style", "bg", v_ref)
@@ -282,17 +306,32 @@ class StepHook:
                 stats = "bg" if k_bg.shape[2] >= ADAIN_MIN_TOKENS else "all"
                 q = adain(q, part("style", stats, q_ref)[:1])
                 k = adain(k, part("style", stats, k_ref)[:1])
-            k_back, v_back = torch.cat([k, k_bg], dim=2), torch.cat([v, v_bg], dim=2)
+            back = Keys(torch.cat([k, k_bg], dim=2), torch.cat([v, v_bg], dim=2), {"style": following([k], k_bg)})
         else:
-            k_back, v_back = k, v
+            back = Keys(k, v, {})
         if not has_cu:  # style only: every query sees [own ; style background]
-            return attend(q, k_back, v_back)
-        k_fore = torch.cat([k_back, part("content", "fg", k_ref)], dim=2)
-        v_fore = torch.cat([v_back, part("content", "fg", v_ref)], dim=2)
-        fg = self.generated_foreground(hw, rows)
-        if fg is None:  # every query counts as the subject
-            return attend(q, k_fore, v_fore)
-        return attend_split(q, fg, (k_fore, v_fore), (k_back, v_back))
+            return q, back, None, None
+        k_cu = part("content", "fg", k_ref)
+        fore = Keys(torch.cat([back.k, k_cu], dim=2), torch.cat([back.v, part("content", "fg", v_ref)], dim=2),
+                    dict(back.labels, content=following([back.k], k_cu)))
+        fg = self.generated_foreground(hw, rows)  # None: every query counts as the subject
+        return q, fore, None if fg is None else back, fg
+
+
+@dataclass
+class Keys:
+    """What some generated queries attend to at one layer: their own keys, then reference tokens."""
+
+    k: torch.Tensor  # (rows, h, M, d), and v alike
+    v: torch.Tensor
+    labels: dict  # {"content"/"style": slice of the key axis}: which keys are that reference's
+    bias: object = None  # (1, M) logit bias, or None
+
+
+def following(before, t):
+    """The slice of the key axis that `t` takes when concatenated after the tensors `before` (dim 2)."""
+    start = sum(x.shape[2] for x in before)
+    return slice(start, start + t.shape[2])
 
 
 def attend_split(q, fg, fore, back):

@@ -73,6 +73,7 @@ class Part:
     tokens: torch.Tensor  # (rows, T, 768): unconditional rows first, then conditional
     key_weights: dict  # {attn2 name: (width, 768)}
     value_weights: dict = None  # {attn2 name: (width, 768)}, or None: the adapter's to_v_ip
+    kind: str = ""  # "content" or "style": whose tokens these are
 
 
 @dataclass
@@ -101,6 +102,14 @@ class StageAttention(DecoupledCrossAttention):
                            for p in parts], dim=1)  # (rows, ΣT, width)
             self._keys_values[(g, name)] = attn.split_heads(k), attn.split_heads(v)  # (rows, h, ΣT, d)
         return self._keys_values[(g, name)]
+
+    def labels(self, g):
+        """{"content"/"style": slice of the image tokens of group g}: the parts side by side, in order."""
+        spans, start = {}, 0
+        for p in self.groups[g].parts:
+            spans[p.kind] = slice(start, start + p.tokens.shape[1])
+            start += p.tokens.shape[1]
+        return spans
 
 
 def background_prompt(prompt, subject, placeholder=""):
@@ -199,10 +208,11 @@ def reference_tokens(sd, images):
 class DualReferenceIP:
     """The prepared references of one generation: each stage's text and hook."""
 
-    def __init__(self, switch_step, hooks, bg_context, report):
+    def __init__(self, switch_step, hooks, bg_context, report, bg_prompts=None):
         self.switch_step = switch_step
         self.hooks = hooks  # {False: early-stage hook, True: late-stage hook}
         self.bg_context = bg_context  # (B, 77, C) C_bg for the conditional rows of the early stage, or None
+        self.bg_prompts = bg_prompts  # C_bg as text, one per prompt, or None
         self._report = report
 
     def step_inputs(self, i, late, x_in, text):
@@ -272,9 +282,10 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
     values = {n: svd_keys.filtered_values(adapter.value_weight(n), spectra[n], s.k)
               for n, s in splits.items()} if opts.filter_values else None
 
-    early = [Part(rows[k], fg, values) for k in rows]  # the foreground texture of every reference
-    late = ([Part(rows["content"], fg)] if "content" in rows and (opts.late == "both" or "style" not in rows)
-            else []) + ([Part(rows["style"], bar)] if "style" in rows else [])
+    early = [Part(rows[k], fg, values, kind=k) for k in rows]  # the foreground texture of every reference
+    keep_content = "content" in rows and (opts.late == "both" or "style" not in rows)
+    late = ([Part(rows["content"], fg, kind="content")] if keep_content else []) + (
+        [Part(rows["style"], bar, kind="style")] if "style" in rows else [])
     hooks = {False: StageAttention(adapter, [Group(early, scales["early"])], layers),
              True: StageAttention(adapter, [Group(late, scales["late"])], layers)}
 
@@ -289,7 +300,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                   C_bg=bg_prompts[0] if bg_prompts else None,
                   rank={n: s.k for n, s in splits.items()},
                   spectrum={n: [round(x, 6) for x in s.sigma.tolist()] for n, s in splits.items()})
-    return DualReferenceIP(report["switch_step"], hooks, bg_context, report)
+    return DualReferenceIP(report["switch_step"], hooks, bg_context, report, bg_prompts)
 
 
 def adapter_name(sd):

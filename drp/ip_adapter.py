@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import attend
+from .attention import Attended, attend
 from .errors import DrpError
 from .unet import UNetConfig
 
@@ -247,18 +247,36 @@ class DecoupledCrossAttention:
 
     def __call__(self, attn, q, k, v, call):
         out = attend(q, k, v)  # the text (or, in attn1, the image itself) as usual
+        for s, k_ip, v_ip, _ in self.image_attention(attn, q, call):
+            out = out + s * attend(q, k_ip, v_ip)
+        return out
+
+    def image_attention(self, attn, q, call):
+        """(scale, K, V, group number) of each image softmax at this layer: none outside `layers`, and
+        none for a group whose scale is 0 there (skipped, so scale 0 is plain text-to-image to the bit)."""
         if not call.is_cross or call.name not in self.layers:
-            return out
+            return []
+        found = []
         for g, group in enumerate(self.groups):
             s = group.scale_at(call.name)
-            if s == 0:  # skipped, so scale 0 is plain text-to-image to the bit
+            if s == 0:
                 continue
             k_ip, v_ip = self.keys_values(attn, g, call.name, q.dtype)
             if k_ip.shape[0] != q.shape[0]:
                 raise DrpError(f"the image tokens have {k_ip.shape[0]} rows but the UNet batch has "
                                f"{q.shape[0]}; give one row of tokens per row of the batch.")
-            out = out + s * attend(q, k_ip, v_ip)
-        return out
+            found.append((s, k_ip, v_ip, g))
+        return found
+
+    def softmaxes(self, attn, q, k, v, call):
+        """The image softmaxes at this layer, laid open for readers of attention (`attention.Attended`,
+        drp/attention_maps.py): the keys the forward pass uses, labelled by `labels`."""
+        return [Attended(q, k_ip, range(q.shape[0]), self.labels(g)) for _, k_ip, _, g in
+                self.image_attention(attn, q, call)]
+
+    def labels(self, g):
+        """{source: slice of group g's image tokens}; an image prompt's pictures have no names."""
+        return {}
 
 
 def resolve_scale(scale, layer_names):

@@ -12,7 +12,8 @@ key matrices split by their singular values, and the early stage's text leaves t
 Either way the method gives each step its extra rows, its text and its hook through one call,
 `method.step_inputs(i, late, x_in, text)`; which stage a step is in is decided here, in the loop.
 With an image prompt (IP-Adapter, `drp/ip_adapter.py`) and no references, one hook, the same at every
-step, adds an attention over the picture's tokens to every cross-attention.
+step, adds an attention over the picture's tokens to every cross-attention. `attention_maps=` wraps each
+step's hook in a recorder that changes nothing (`drp/attention_maps.py`).
 
 The loop's building blocks (text and image encoding, noise, decoding, DDIM inversion) are in
 `drp/sampling.py`; the method is imported at the top, and imports only those blocks, never this file.
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ddim, dual_reference, dual_reference_ip, ip_adapter
+from .attention_maps import AttentionMaps, check_names
 from .errors import DrpError
 from .images import to_pil
 from .method_common import resolve_mode
@@ -42,12 +44,13 @@ class Result:
     latents: torch.Tensor  # (B, 4, H/8, W/8), scaled by LATENT_SCALE, float32
     info: dict  # settings, seeds, timings; the DRP-Diff numbers when references were given
     masks: dict = field(default_factory=dict)  # DRP-Diff masks (reference foregrounds, generated subject)
+    attention_maps: dict = field(default_factory=dict)  # {name: {stage: (B, H/32, W/32)}} (drp/attention_maps.py)
 
 
 def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512, width=512, seed=0, eta=0.0,
              latents=None, num_images=1, content=None, style=None, subject=None, content_mask=None,
              style_mask=None, switch_step=None, mode="auto", tiled_decode=False, progress=True, ip_image=None,
-             ip_scale=0.6, **drp_options):
+             ip_scale=0.6, attention_maps=None, **drp_options):
     """Text (and optionally reference images) -> `Result`.
 
     prompt: a string or a list (one image each); `num_images` images per prompt, image k with seed
@@ -60,6 +63,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     image (VAE.decode).
     `ip_image`: an image prompt (a picture, a path, or a list of them) through IP-Adapter, at `ip_scale`
     (a number, or per block: {"up_blocks.1": 1.0}; see ip_adapter.resolve_scale).
+    `attention_maps`: words of the prompt, and "content"/"style" for the references given, whose attention
+    maps `Result.attention_maps` then holds (drp/attention_maps.py defines them); the image is unchanged.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -72,6 +77,7 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
         raise DrpError("ip_image cannot be combined with DRP-Diff's content/style references; give the "
                        "pictures as content= and style= (mode=\"ip-adapter\" puts them in the cross-attention).")
     prompts = [p for p in prompts for _ in range(num_images)]
+    map_names = check_names(sd.tokenizer, prompts, attention_maps, content is not None, style is not None)
     negatives = [negative_prompt] * len(prompts)
     seeds = [seed + k for k in range(len(prompts))]
     batch, timings = len(prompts), {}
@@ -104,6 +110,8 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
                                         steps=steps, height=height, width=width, progress=progress,
                                         timings=timings, **drp_options)
 
+    recorder = AttentionMaps(sd, prompts, map_names, method, height, width) if map_names else None
+
     start = time.perf_counter()
     alphas = ddim.alphas_cumprod().to(sd.device)
     # η > 0: each image draws its step noise from its own generator, so image k equals a run with seed + k
@@ -111,9 +119,11 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     x = latents.to(sd.device, torch.float32)
     for i, (t, t_prev) in enumerate(tqdm(ddim.ddim_pairs(steps), desc="sampling", disable=not progress)):
         x_in, context, hook = torch.cat([x, x]), text, image_prompt  # the image prompt's hook, or None
+        late = method is not None and i >= method.switch_step  # DRP-Diff's stage: early, then late
         if method is not None:  # this step's stage decides the method's extra rows, text and attention hook
-            late = i >= method.switch_step
             x_in, context, hook = method.step_inputs(i, late, x_in, context)
+        if recorder is not None:  # attention maps: the step's hook, watched; its output is untouched
+            hook = recorder.hook(late, hook)
         with torch.no_grad():
             eps = sd.unet(x_in.to(sd.dtype), t, context, hook)[: 2 * batch].float()
         eps_uncond, eps_text = eps.chunk(2)
@@ -137,4 +147,4 @@ def generate(sd, prompt, negative_prompt="", steps=50, guidance=7.5, height=512,
     if method is not None:
         info["drp"] = {"mode": mode, **method.report()}
         masks = method.masks()
-    return Result(images, x.cpu(), info, masks)
+    return Result(images, x.cpu(), info, masks, recorder.result() if recorder is not None else {})

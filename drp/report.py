@@ -10,6 +10,7 @@ H_cu, H_st, ρ, α, and the step N_e at which the early stage handed over to the
     │ + mask  │ + mask  │ + mask    │        │
     └─────────┴─────────┴───────────┴────────┘
      [σ plots: one per grid, the IP-Adapter mode only]
+     [attention maps: one row per name, one column per stage, when the run made them (drp/heatmaps.py)]
      captions, then the prompt, seed and DRP-Diff numbers as text lines
 
 The IP-Adapter mode (ALGORITHM_IP_ADAPTER.md B3) has no masks; its report shows the adapter, the split's
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DrpError
+from . import heatmaps
 from .files import write_atomically
 from .images import fit, load_image
 from .unet import UNetConfig
@@ -226,14 +228,18 @@ def save_report(path, result, content=None, style=None):
     line_h = font.getbbox("Ag")[3] + LINE_GAP
     width = max(MIN_WIDTH, len(shown) * (w + PAD) + PAD)
     captions = [wrap(printable(c), font, w) for c, _ in shown]
-    strip = spectrum_strip(result.info or {}, font, printable)
-    width = max(width, strip.width + PAD) if strip else width
+    strips = [spectrum_strip(result.info or {}, font, printable)]
+    if result.attention_maps:
+        strips.append(heatmaps.picture(result.images[0], result.attention_maps, 0))
+    strips = [s for s in strips if s is not None]
+    width = max([width] + [s.width + PAD for s in strips])
     lines = [piece for line in text_lines(result.info or {}) for piece in wrap(printable(line), font, width - 2 * PAD)]
-    strip_top = PAD + h + LINE_GAP + max(map(len, captions)) * line_h + PAD
-    text_top = strip_top + (strip.height + PAD if strip else 0)
-    canvas = Image.new("RGB", (width, text_top + len(lines) * line_h + PAD), BACKGROUND)
-    if strip:
-        canvas.paste(strip, (0, strip_top))
+    text_top = PAD + h + LINE_GAP + max(map(len, captions)) * line_h + PAD
+    canvas = Image.new("RGB", (width, text_top + sum(s.height + PAD for s in strips) + len(lines) * line_h + PAD),
+                       BACKGROUND)
+    for strip in strips:  # below the panels, one above the other
+        canvas.paste(strip, (0, text_top))
+        text_top += strip.height + PAD
     draw = ImageDraw.Draw(canvas)
     for k, ((_, img), caption) in enumerate(zip(shown, captions)):
         x = PAD + k * (w + PAD)
