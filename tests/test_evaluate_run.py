@@ -407,3 +407,61 @@ def test_a_bad_knob_is_one_sentence_before_any_weights_are_loaded(ip_weights, tm
     assert "the IP-Adapter scale 'up_blocks.1=x' is neither a number nor BLOCK=NUMBER pairs" in err
     assert "--ip-scale is the image-prompt mode's scale" in one_line_error(capsys, base + ["--ip-scale", "1"])
     assert not (tmp_path / "run").exists()
+
+
+def maps_in(path):
+    with np.load(path) as f:
+        return {key: f[key] for key in f.files}
+
+
+def test_attention_maps_are_kept_beside_each_png_and_change_no_pixel(ip_weights, tmp_path, capsys):
+    one = [*ONE, "--weights", str(ip_weights), "--mode", "ip-adapter"]
+    names = "cat,jungle,content,style"  # ONE's prompt is "a cat in the jungle"
+    assert run_alone(["run", *one, "--out", str(tmp_path / "maps"), "--attention-maps", names]) == 0
+    assert run_alone(["run", *one, "--out", str(tmp_path / "plain")]) == 0
+    item = items_of(tmp_path / "maps")[0]
+    png = Path(item["file"])
+    assert (tmp_path / "maps" / png).read_bytes() == (tmp_path / "plain" / png).read_bytes()  # no pixel changed
+    assert not (tmp_path / "plain" / png.with_suffix(".npz")).exists()
+    got = maps_in(tmp_path / "maps" / png.with_suffix(".npz"))
+    assert sorted(got) == sorted(f"{n}/{s}" for n in names.split(",") for s in ("all", "early", "late"))
+    want = generate_alone(drp.load(ip_weights), item["prompt"], seed=item["seed"], mode="ip-adapter", subject="cat",
+                          content=str(DATA / item["content"]), style=str(REPO / "assets" / item["style"]),
+                          attention_maps=names.split(","))
+    for key, array in got.items():
+        name, stage = key.split("/")
+        assert array.dtype == np.float32 and np.array_equal(array, want.attention_maps[name][stage][0].numpy()), key
+    assert got["jungle/all"].max() > 0 and got["content/all"].max() > 0
+
+    # maps lost (or asked for later): the batch is made again for them, and its PNG is left as it is
+    (tmp_path / "maps" / png.with_suffix(".npz")).unlink()
+    kept = (tmp_path / "maps" / png).stat().st_mtime_ns
+    assert run_alone(["run", *one, "--out", str(tmp_path / "maps"), "--attention-maps", names]) == 0
+    assert maps_in(tmp_path / "maps" / png.with_suffix(".npz")).keys() == got.keys()
+    assert (tmp_path / "maps" / png).stat().st_mtime_ns == kept
+
+
+def test_attention_map_words_missing_from_an_items_prompt_are_left_out_of_its_file(weights, tmp_path):
+    out = tmp_path / "run"  # cat's prompts name the cat, red_cartoon's the cartoon
+    assert run_alone(["run", *SETTINGS, "--weights", str(weights), "--out", str(out), "--attention-maps",
+                      "cat,jungle"]) == 0
+    for item in items_of(out):
+        keys = set(maps_in(out / Path(item["file"]).with_suffix(".npz")))
+        words = [w for w in ("cat", "jungle") if w in item["prompt"].split()]
+        assert keys == {f"{w}/all" for w in words}, item["id"]  # no DRP-Diff: the "all" stage alone
+
+
+def test_bad_attention_map_names_are_one_sentence_before_any_weights_are_loaded(ip_weights, tmp_path, monkeypatch,
+                                                                                 capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(drp, "load", no_loading)
+    base = ["run", *ONE, "--weights", str(ip_weights), "--out", str(tmp_path / "run")]
+    err = one_line_error(capsys, base + ["--mode", "ip-adapter", "--attention-maps", "dog"])
+    assert "--attention-maps names 'dog', which is a word of none of the run's 1 prompts" in err
+    err = one_line_error(capsys, base + ["--attention-maps", "style"])  # the plain mode has no references
+    assert "--attention-maps names the style reference, which the items of this plain run do not all have" in err
+    err = one_line_error(capsys, base + ["--mode", "image-prompt", "--attention-maps", "content"])
+    assert "names the content reference" in err
+    assert not (tmp_path / "run").exists()

@@ -222,7 +222,7 @@ def test_a_half_precision_weight_is_decomposed_in_float32():
     w = weight().bfloat16()
     spec = svd_keys.spectrum(w)
     assert spec.S.dtype == torch.float32
-    torch.testing.assert_close(spec.U * spec.S @ spec.Vh, w.float(), rtol=0, atol=ATOL)
+    assert_near(spec.U * spec.S @ spec.Vh, w.float())
     split = svd_keys.split_keys(w)
     assert split.fg.dtype == split.style.dtype == torch.bfloat16
 
@@ -245,10 +245,11 @@ def test_the_filtered_values_leave_out_exactly_the_background_directions():
     k = svd_keys.split_rank(spec.S, tuple(w_k.shape))
     filtered = svd_keys.filtered_values(w_v, spec, k)
     v_bg = spec.Vh[k:]
-    torch.testing.assert_close(filtered @ v_bg.T, torch.zeros(80, len(v_bg)), rtol=0, atol=ATOL)  # blind to V_bg
+    # blind to V_bg: what W_v reads along V_bg is gone, to float32 rounding of W_v's own size there
+    assert (filtered @ v_bg.T).abs().max() <= SVD_TOL * (w_v @ v_bg.T).abs().max()
     kept = torch.randn(192, 192, generator=torch.Generator().manual_seed(2))
     kept = kept - v_bg.T @ (v_bg @ kept)  # vectors with no V_bg component: seen as W_v sees them
-    torch.testing.assert_close(filtered @ kept, w_v @ kept, rtol=0, atol=ATOL * kept.abs().max().item())
+    assert_near(filtered @ kept, w_v @ kept)
     # the same projection on the keys gives W_fg (B1: W (I − V_bg V_bgᵀ) = W_fg)
-    torch.testing.assert_close(w_k - (w_k @ v_bg.T) @ v_bg, svd_keys.foreground_matrix(spec, k), rtol=0, atol=ATOL)
+    assert_near(w_k - (w_k @ v_bg.T) @ v_bg, svd_keys.foreground_matrix(spec, k))
     assert svd_keys.filtered_values(w_v, spec, len(spec.S)) is w_v  # k = r: nothing left out

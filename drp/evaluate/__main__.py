@@ -74,6 +74,9 @@ def parse_args(argv=None):
     r.add_argument("--negative-prompt", default="", metavar="TEXT", help="(default: none)")
     r.add_argument("--batch", type=int, default=1, metavar="K",
                    help="images of one prompt made together, each from its own seed (default: %(default)s)")
+    r.add_argument("--attention-maps", type=names, metavar="NAMES",
+                   help="words of the prompts, and content/style (DRP-Diff modes): keep each image's attention maps "
+                        "as images/<id>.npz beside its PNG")
     r.add_argument("--weights", default="weights", metavar="DIR", help="converted weights (default: %(default)s)")
     r.add_argument("--steps", type=int, default=50, metavar="N", help="(default: %(default)s)")
     r.add_argument("--height", type=int, default=512, metavar="PX", help="(default: %(default)s)")
@@ -135,7 +138,7 @@ def main(argv=None):
             cfg = run_module.make_config(
                 args.bench, args.mode, args.data, args.style_dir, args.subjects, args.prompts,
                 args.images_per_prompt, args.limit, args.seed, args.steps, args.height, args.width, args.guidance,
-                args.dtype, args.negative_prompt, options, ip_scale, args.batch)
+                args.dtype, args.negative_prompt, options, ip_scale, args.batch, args.attention_maps)
             run_module.run(cfg, args.out, args.weights, args.device, progress=not args.no_progress)
         elif args.command == "items":
             from .external import items

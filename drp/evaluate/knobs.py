@@ -15,8 +15,7 @@ annotation say how its text is read, so a field added to an Options class is a k
     default None                  also `none`
 
 The values are then checked with the modes' own checks (`make_options`, the ip-adapter mode's
-`check_options`, its `chosen_layers` and `resolve_scale` against the adapter's layers in
-`ip_adapter.json`; for self-attention the layer names against the UNet of `model.json`), reading no
+`check_options` with the adapter's layers in `ip_adapter.json`; for self-attention the layer names against the UNet of `model.json`), reading no
 weights. config.json keeps the values as JSON (tuples become lists); `options_for_generate` turns them back.
 """
 
@@ -29,12 +28,11 @@ from types import SimpleNamespace
 
 from .. import dual_reference, dual_reference_ip
 from ..errors import DrpError
-from ..ip_adapter import IPAdapterConfig, attn2_layers, parse_scale, resolve_scale
+from ..ip_adapter import IPAdapterConfig, attn2_layers, parse_scale
 from ..method_common import check_switch_step, make_options
 from ..model_io import read_model_json
 
 OPTIONS = {"self-attention": dual_reference.Options, "ip-adapter": dual_reference_ip.Options}
-CHECKS = {"ip-adapter": dual_reference_ip.check_options}  # a mode's check of a whole Options, where it has one
 GENERATE_KNOBS = {"switch_step": SimpleNamespace(name="switch_step", type=int, default=None)}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # the self-attention mode's knobs that name UNet layers: a name matching none would change nothing, silently
@@ -185,13 +183,8 @@ def check_knobs(mode, knobs, weights, steps):
         check_switch_step(knobs["switch_step"], steps)
     options = {k: v for k, v in options_for_generate(mode, knobs).items() if k not in GENERATE_KNOBS}
     opts = make_options(OPTIONS[mode], options, mode)
-    if mode in CHECKS:
-        CHECKS[mode](opts)
-    if mode == "ip-adapter":
-        adapter = SimpleNamespace(layer_names=adapter_layers(weights))
-        layers = dual_reference_ip.chosen_layers(adapter, opts.ip_layers)
-        for scale in (opts.scale_early, opts.scale_late):
-            resolve_scale(scale, layers)
+    if mode == "ip-adapter":  # every knob, the layer and block names against the converted adapter's layers
+        dual_reference_ip.check_options(opts, adapter_layers(weights))
     else:
         unet = read_model_json(weights)[1]["unet"]
         names = {"attn2": list(attn2_layers(unet))}

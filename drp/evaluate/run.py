@@ -22,6 +22,12 @@ missing PNGs are written. PNGs are written under a temporary name and renamed, a
 files of a killed run are removed when it starts again. Each start that made images adds a line to
 RUN/timings.jsonl (images made, seconds, processes, device, dtype, batch): the seconds per image of
 the report.
+
+Attention maps: `--attention-maps NAMES` (words of the prompts, and content/style where the DRP-Diff
+mode has those references) keeps each image's maps as RUN/images/<id>.npz beside its PNG, one (h, w)
+array per "name/stage" (drp/attention_maps.py). Recording changes no pixel, so the names are not a pixel
+setting; a word missing from an item's prompt is left out of that item's file (a DreamBench run has one
+class noun per subject). A batch whose PNGs exist but whose maps are missing is made again for its maps.
 """
 
 import hashlib
@@ -33,6 +39,7 @@ from types import SimpleNamespace
 
 from tqdm import tqdm
 
+from ..attention_maps import REFERENCES, parse_names, save_npz, word_positions
 from ..errors import DrpError
 from ..ip_adapter import resolve_scale
 from ..png_info import parameters_text, save_png
@@ -49,10 +56,11 @@ RUN_FILES = ("config.json", "items.jsonl", "timings.jsonl")
 
 def make_config(bench, mode="plain", data=None, style_dir=None, subjects=None, prompts=None, images_per_prompt=4,
                 limit=None, seed=0, steps=50, height=512, width=512, guidance=7.5, dtype="auto", negative_prompt="",
-                options=None, ip_scale=None, batch=1):
+                options=None, ip_scale=None, batch=1, attention_maps=None):
     """The settings of a run as config.json holds them (model, dtype and the knobs' types are settled by `run`).
 
-    `options`: {knob: value or its text} (`--set`); `ip_scale`: the image-prompt mode's scale."""
+    `options`: {knob: value or its text} (`--set`); `ip_scale`: the image-prompt mode's scale;
+    `attention_maps`: names whose maps are kept beside each image (not a pixel setting)."""
     if mode not in MODES:
         raise DrpError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
     from ..sampling import check_settings
@@ -69,6 +77,7 @@ def make_config(bench, mode="plain", data=None, style_dir=None, subjects=None, p
     return dict(format=FORMAT, mode=mode, steps=steps, height=height, width=width, guidance=guidance, dtype=dtype,
                 model=None, model_file=None, model_dtype=None, ip_adapter=None, negative_prompt=negative_prompt,
                 options=dict(options or {}), ip_scale=ip_scale, batch=batch,
+                attention_maps=parse_names(attention_maps),
                 **item_config(bench, data, style_dir, subjects, prompts, images_per_prompt, limit, seed))
 
 
@@ -100,6 +109,38 @@ def settle(cfg, weights, device):
     options = K.typed_knobs(cfg["mode"], cfg["options"])
     K.check_knobs(cfg["mode"], options, weights, cfg["steps"])
     return dict(cfg, options=K.as_json(options))
+
+
+def check_map_names(cfg, items, weights):
+    """The attention maps asked for, checked before any model is loaded: each word is in some item's prompt,
+    and content/style name references that every item of this mode has."""
+    from ..model_io import VOCAB
+    from ..tokenizer import Tokenizer
+
+    if not cfg.get("attention_maps"):
+        return
+    vocab = Path(weights) / VOCAB
+    tokenizer = Tokenizer(vocab if vocab.is_file() else None)
+    prompts = sorted({item.prompt for item in items})
+    for name in cfg["attention_maps"]:
+        if name in REFERENCES:
+            if cfg["mode"] not in DRP_MODES or not all(getattr(item, name) for item in items):
+                raise DrpError(f"--attention-maps names the {name} reference, which the items of this {cfg['mode']} "
+                               f"run do not all have; name it only in a DRP-Diff run (--mode auto, ip-adapter or "
+                               f"self-attention) of a benchmark with {name} pictures.")
+        elif not any(word_positions(tokenizer, p, name) for p in prompts):
+            raise DrpError(f"--attention-maps names {name!r}, which is a word of none of the run's {len(prompts)} "
+                           f"prompts (e.g. {prompts[0]!r}); name words of the prompts, or content/style.")
+
+
+def maps_of(cfg, prompt, tokenizer):
+    """The names whose maps are recorded for a batch of `prompt`: the references, and the words it has."""
+    return [n for n in cfg["attention_maps"] if n in REFERENCES or word_positions(tokenizer, prompt, n)]
+
+
+def maps_file(out, item):
+    """Where an item's attention maps are kept: beside its PNG."""
+    return (out / item.file).with_suffix(".npz")
 
 
 def references(item, cfg, data, style_dir):
@@ -175,13 +216,14 @@ def png_parameters(path):
 
 
 def pending(groups, out, cfg):
-    """The batches with an image still to be made; an image made with other settings is an error."""
+    """The batches with an image (or its attention maps) still to be made; an image made with other settings
+    is an error."""
     todo = []
     for group in groups:
         missing = False
         for item in group:
             path = out / item.file
-            if not path.exists():
+            if not path.exists() or cfg.get("attention_maps") and not maps_file(out, item).exists():
                 missing = True
             elif png_parameters(path) != planned_parameters(item, cfg):
                 raise DrpError(f"{path} was made with other settings than this run's; delete it, or choose another "
@@ -209,10 +251,11 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
     ranks = R.start(device)
     try:
         cfg = settle(cfg, weights, ranks.device)
+        check_map_names(cfg, items, weights)
         check_run_folder(out, cfg)
         if ranks.main:  # what a killed start left; nobody writes before the barrier below
             remove_leftovers(out, lambda name: name in RUN_FILES)
-            remove_leftovers(out / "images", lambda name: name.endswith(".png"))
+            remove_leftovers(out / "images", lambda name: name.endswith((".png", ".npz")))
         R.barrier(ranks)  # every rank has looked at the folder before rank 0 writes into it
         if ranks.main:  # config.json first: a folder holding it is a run of ours whatever happens next
             make_folder(out)
@@ -234,11 +277,15 @@ def run(cfg, out, weights="weights", device="auto", progress=True, log=print):
                 now = 0
                 if j < len(todo):
                     group, start = todo[j], time.perf_counter()
-                    result = drp.generate(sd, group[0].prompt, **generate_kwargs(group, cfg, cfg["data"], style_dir))
-                    for item, image in zip(group, result.images):
+                    kwargs = generate_kwargs(group, cfg, cfg["data"], style_dir)
+                    maps = maps_of(cfg, group[0].prompt, sd.tokenizer)
+                    result = drp.generate(sd, group[0].prompt, attention_maps=maps or None, **kwargs)
+                    for k, (item, image) in enumerate(zip(group, result.images)):
                         if not (out / item.file).exists():
                             save_png(image, out / item.file, planned_parameters(item, cfg))
                             now += 1
+                        if cfg.get("attention_maps") and not maps_file(out, item).exists():
+                            save_npz(maps_file(out, item), result.attention_maps, k)
                     seconds += time.perf_counter() - start
                 made += now
                 bar.update(int(R.all_sum(ranks, [now])[0]))
