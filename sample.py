@@ -33,7 +33,7 @@ from drp.dual_reference import Options
 from drp.dual_reference_ip import Options as IPOptions
 from drp.errors import DrpError
 from drp.images import load_image
-from drp.ip_adapter import resolve_scale
+from drp.ip_adapter import parse_scale, resolve_scale
 from drp.method_common import MODES, resolve_mode
 from drp.mode_flags import (check_mode_settings, ip_files_missing, ip_knobs, planned_mode, self_attention_knobs,
                             unet_layer_names)
@@ -62,15 +62,11 @@ def number(text):
 
 
 def ip_scale(text):
-    """argparse type: a number, or BLOCK=NUMBER pairs separated by commas (a per-block scale)."""
+    """argparse type: a number, or BLOCK=NUMBER pairs separated by commas (a per-block scale; ip_adapter.parse_scale)."""
     try:
-        return number(text)
-    except ValueError:
-        pass
-    pairs = [part.partition("=") for part in text.split(",")]
-    if not all(eq and block.strip() for block, eq, _ in pairs):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor BLOCK=NUMBER pairs")
-    return {block.strip(): number(value) for block, _, value in pairs}
+        return parse_scale(text)
+    except DrpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None):

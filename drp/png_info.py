@@ -50,14 +50,14 @@ DRP_FIELDS = (
 )
 
 
-def _value(v):
+def setting_text(v):
     """A setting as the web UI writes it: numbers plainly (7.5, 7), text JSON-quoted when it would break the line.
 
     A per-block scale is written as sample.py takes it (`up_blocks.1=1,mid_block=0.5`), a list of names
     comma-separated.
     """
     if isinstance(v, dict):
-        v = ",".join(f"{k}={_value(x)}" for k, x in v.items())
+        v = ",".join(f"{k}={setting_text(x)}" for k, x in v.items())
     elif isinstance(v, (list, tuple)):
         v = ",".join(map(str, v))
     elif isinstance(v, float):
@@ -93,13 +93,13 @@ def parameters_text(info, index=0):
     if info.get("tiled_decode"):  # changes the pixels a little: needed to make the same image again
         fields["Tiled decode"] = "True"
     ip = info.get("ip_adapter")
-    if ip:  # the web UIs' ControlNet extension names it similarly; a per-block scale is written as JSON
+    if ip:  # the web UIs' ControlNet extension names it similarly; a per-block scale as --ip-scale takes it
         fields["IP-Adapter"] = _model_name(ip["file"])
-        fields["IP-Adapter scale"] = ip["scale"] if isinstance(ip["scale"], (int, float)) else json.dumps(ip["scale"])
+        fields["IP-Adapter scale"] = ip["scale"]
         fields["IP-Adapter images"] = " | ".join(ip["images"])
     drp = info.get("drp") or {}
     fields.update({label: drp[key] for key, label in DRP_FIELDS if drp.get(key) is not None and drp[key] is not False})
-    lines.append(", ".join(f"{key}: {_value(v)}" for key, v in fields.items()))
+    lines.append(", ".join(f"{key}: {setting_text(v)}" for key, v in fields.items()))
     return "\n".join(lines)
 
 

@@ -380,7 +380,7 @@ def test_set_reaches_generate_and_is_recorded_in_the_config_and_every_png(ip_wei
     assert config["options"] == dict(bg_prompt=False, rank_energy=0.8, switch_step=1,
                                      scale_late={"up_blocks.1": 1.0})
     text = Image.open(out / item["file"]).info["parameters"]
-    assert ('DRP bg prompt: False, DRP rank energy: 0.8, DRP scale late: "{\\"up_blocks.1\\": 1.0}", '
+    assert ("DRP bg prompt: False, DRP rank energy: 0.8, DRP scale late: up_blocks.1=1, "
             "DRP switch step: 1") in text
 
 

@@ -133,7 +133,7 @@ def test_png_parameters_record_the_adapter_and_scale(world, tmp_path):
     sd = with_adapter(world, tmp_path, "base", ".bin")
     result, _ = ours(sd, ip_image=world[3][0], ip_scale={"up_blocks.1": 1.0})
     text = parameters_text(result.info)
-    assert ('IP-Adapter: ip-adapter_sd15.bin, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0}", '
+    assert ('IP-Adapter: ip-adapter_sd15.bin, IP-Adapter scale: up_blocks.1=1, '
             'IP-Adapter images: picture') in text
 
 
@@ -239,7 +239,7 @@ def test_sample_cli_prompts_with_images_and_a_per_block_scale_and_records_them(w
             str(tmp_path / "ref1.png"), "--ip-scale", "up_blocks.1=1,mid_block=0.5", "--out", str(tmp_path / "x.png")]
     assert sample.main(args) == 0, capsys.readouterr().err
     assert Image.open(tmp_path / "x.png").text["parameters"].endswith(
-        'IP-Adapter: ip-adapter-plus_sd15, IP-Adapter scale: "{\\"up_blocks.1\\": 1.0, \\"mid_block\\": 0.5}", '
+        'IP-Adapter: ip-adapter-plus_sd15, IP-Adapter scale: "up_blocks.1=1,mid_block=0.5", '
         "IP-Adapter images: ref0.png | ref1.png")
     missing = ["--weights", str(world[2]), *quick, "--ip-image", str(tmp_path / "ref0.png"),
                "--out", str(tmp_path / "y.png")]

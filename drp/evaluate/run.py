@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..attention_maps import REFERENCES, parse_names, save_npz, word_positions
 from ..errors import DrpError
 from ..ip_adapter import resolve_scale
-from ..png_info import parameters_text, save_png
+from ..png_info import parameters_text, save_png, setting_text
 from . import knobs as K
 from . import ranks as R
 from .plan import (FORMAT, check_run_folder, item_config, items_of, make_folder, prompt_of, remove_leftovers,
@@ -149,11 +149,6 @@ def references(item, cfg, data, style_dir):
             str(Path(style_dir) / item.style) if item.style else None)
 
 
-def knob_text(value):
-    """A knob's value in the parameters line: numbers and words plainly, lists and tables as JSON."""
-    return value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
-
-
 def planned_parameters(item, cfg):
     """The `parameters` text an item's PNG carries: its settings, known before the image is made."""
     info = dict(prompt=[item.prompt], negative_prompt=cfg["negative_prompt"], steps=cfg["steps"], sampler="DDIM",
@@ -166,12 +161,11 @@ def planned_parameters(item, cfg):
         info["drp"] = dict(subject=item.subject if item.content else None, content=item.content or None,
                            style=item.style or None, mode=cfg["mode"])
     text = parameters_text(info)
-    knobs = {f"DRP {k.replace('_', ' ')}": knob_text(v) for k, v in sorted(cfg["options"].items())}
+    knobs = {f"DRP {k.replace('_', ' ')}": v for k, v in sorted(cfg["options"].items())}
     if cfg["batch"] > 1:
         knobs["Batch"] = cfg["batch"]  # the batch it was made in: the last bits of its pixels
-    if knobs:  # the last line holds the pairs; the web UI's quoting keeps it one line
-        text += "".join(f", {key}: " + (json.dumps(str(v)) if any(c in str(v) for c in ",:\n") else str(v))
-                        for key, v in knobs.items())
+    # the last line holds the pairs, written as sample.py's PNGs write them (a per-block scale as up_blocks.1=1)
+    text += "".join(f", {key}: {setting_text(v)}" for key, v in knobs.items())
     return text
 
 
