@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """One tiny benchmark run: the UNet (with the DRP-Diff step), the attention memory, and loading."""
+    """One tiny benchmark run: the UNet (with the DRP-Diff steps), the attention memory, loading, and the cost of
+    recording attention maps."""
     tmp = tmp_path_factory.mktemp("bench")
     out = subprocess.run([sys.executable, "-m", "drp.bench", "--tiny", "--quick", "--repeats", "1",
-                          "--only", "unet,attention,load,drp-ip", "--workdir", str(tmp / "work"),
+                          "--only", "unet,attention,load,drp-ip,maps", "--workdir", str(tmp / "work"),
                           "--json", str(tmp / "bench.json")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout, json.loads((tmp / "bench.json").read_text()), tmp / "work"
@@ -52,6 +53,18 @@ def test_the_ip_adapter_modes_step_is_set_against_a_plain_step_and_its_svds_are_
         step = rows[f"DRP-IP step 32×32 ({stage}) / plain CFG step"]
         assert step["ratio"] == pytest.approx(step["ours"]["median"] / step["ref"]["median"]) and step["ratio"] > 0
     assert rows["DRP-IP: SVDs of the 16 image-key projections"]["ours"]["median"] > 0
+    filtered = rows["DRP-IP step 32×32 (early), filter_values on / off"]  # set against the unfiltered early step
+    assert filtered["ref"]["runs"] == rows["DRP-IP step 32×32 (early) / plain CFG step"]["ours"]["runs"]
+
+
+def test_recording_attention_maps_is_timed_against_the_same_step_in_each_mode_and_stage(report):
+    _, data, _ = report
+    rows = {r["name"]: r for r in data["rows"]}
+    for mode in ("ip-adapter", "self-attention"):
+        for stage in ("early", "late"):
+            r = rows[f"attention maps 32×32, {mode} ({stage}): recording / not"]
+            assert r["ratio"] == pytest.approx(r["ours"]["median"] / r["ref"]["median"]) and r["ratio"] > 0
+            assert ("peak memory" in r["note"]) == sys.platform.startswith("linux")
 
 
 def test_attention_row_shows_the_fused_kernel_holds_no_score_matrix(report):

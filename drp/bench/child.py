@@ -21,6 +21,8 @@ def task_function(name):
         from .ip_adapter import TASKS
     elif name.startswith("drp-ip"):
         from .drp_ip import TASKS
+    elif name == "maps":
+        from .maps import TASKS
     else:
         from .tasks import TASKS
     return TASKS[name]

@@ -7,7 +7,9 @@ memory: their values change no timing. They measure
   drp-ip (a small encoder: a step does not run it)
     step     one IP-mode DRP step (batch 2 with the stage's hook: 16 attn2 layers with a second softmax
              over both references' tokens) next to a plain CFG step, at each benchmark latent size;
-             issue 12's target: ≤ 1.15× (the self-attention mode's step costs ~2×)
+             issue 12's target: ≤ 1.15× (the self-attention mode's step costs ~2×); and the early step
+             with `filter_values` (its values through W_v (I − V_bg V_bgᵀ), made once per run): the
+             same within noise
     svd      the 16 SVDs of the adapter's key projections, once per loaded adapter
   drp-ip-first (CLIP ViT-H/14, as the mode runs it)
     first    the whole first run with both references in each mode, same prompt and pictures:
@@ -60,8 +62,9 @@ def task_drp_ip(spec, device, dtype):
     svd_keys.spectra(sd.ip_adapter, sd.ip_adapter.layer_names)
     out["svd_seconds"] = time.perf_counter() - start
 
-    method = dual_reference_ip.prepare(sd, [PROMPT], content=content, style=style, subject="cat",
-                                       steps=spec["steps"], progress=False)
+    method, filtered = (dual_reference_ip.prepare(sd, [PROMPT], content=content, style=style, subject="cat",
+                                                  steps=spec["steps"], progress=False, filter_values=on)
+                        for on in (False, True))
     for s in spec["unet_sizes"]:
         g = torch.Generator().manual_seed(s)
         x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
@@ -70,6 +73,8 @@ def task_drp_ip(spec, device, dtype):
         for late, stage in enumerate(STAGES):
             x_in, c_in, hook = method.step_inputs(0, bool(late), x, context)
             calls[stage] = (lambda a, c, h: lambda: sd.unet(a, 500, c, h))(x_in, c_in.to(dtype), hook)
+        x_in, c_in, hook = filtered.step_inputs(0, False, x, context)
+        calls["early_filtered"] = (lambda a, c, h: lambda: sd.unet(a, 500, c, h))(x_in, c_in.to(dtype), hook)
         warmup = 1 if s == min(spec["unet_sizes"]) or device.type == "cuda" else 0
         out[str(s)] = alternate(calls, device, spec["repeats"], warmup=warmup)
 
@@ -110,6 +115,9 @@ def rows(result, first, spec, row):
         for stage in STAGES:
             out.append(row(f"DRP-IP step {s}×{s} ({stage}) / plain CFG step", t[stage], t["plain"],
                            note="ours, batch 2 with the IP-Adapter mode's hook vs batch 2"))
+        if "early_filtered" in t:
+            out.append(row(f"DRP-IP step {s}×{s} (early), filter_values on / off", t["early_filtered"], t["early"],
+                           note="the early stage's values through W_v (I - V_bg V_bg^T); expected: the same"))
     if result:
         out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
                        note="once per loaded adapter; float32, one thread on a CPU"))

@@ -23,6 +23,8 @@ with other work slows both alike.
     drp-ip      DRP-Diff's IP-Adapter mode (drp/bench/drp_ip.py): its step vs a plain CFG step, the 16 SVDs
     drp-ip-first  its first run vs the self-attention mode's first run (with a random ViT-H/14 encoder,
                 2.5 GB more in fp32); both only with --only drp-ip,drp-ip-first
+    maps        recording attention maps (two words, both references) in each mode and stage: the step with
+                the recorder vs without, and its peak memory (only with --only maps; drp/bench/maps.py)
 
 Extrapolation: a child times every UNet call with forward hooks; everything the UNet does scales with the
 number of steps and nothing else does, so total(50) = total(k) + unet_time(k) × (50/k − 1).
@@ -52,8 +54,8 @@ from .timing import STEPS, cold_start_possible
 from .weights import write_random_folders
 
 TASKS = ["unet", "vae", "text", "attention", "generate", "drp", "load", "compile", "ip-adapter", "drp-ip",
-         "drp-ip-first"]
-OPT_IN = ("compile", "ip-adapter", "drp-ip", "drp-ip-first")  # measured only when asked for (--compile, --only …)
+         "drp-ip-first", "maps"]
+OPT_IN = ("compile", "ip-adapter", "drp-ip", "drp-ip-first", "maps")  # measured only when asked for (--compile, --only …)
 
 
 # ---- the parent: plan, run the children one at a time, report -----------------------------------------
@@ -206,6 +208,10 @@ def measure(args, spec, workdir, configs, say):
         step = child("drp-ip") if "drp-ip" in tasks else None
         first = child("drp-ip-first") if "drp-ip-first" in tasks else None
         rows += drp_ip_rows(step, first, spec, row)
+    if "maps" in tasks:
+        from .maps import rows as maps_rows
+
+        rows += maps_rows(child("maps"), spec, row)
     if "compile" in tasks:
         result = child("compile")
         t = result["times"]
@@ -223,6 +229,7 @@ TARGETS = [  # (row name prefix, what, bound, when) from the issue; checked wher
     ("DRP step 64×64 (late)", "ratio", 2.2, "any"), ("DRP step 64×64 (early)", "ratio", 2.2, "any"),
     ("DRP generation: cached", "ratio", 0.75, "any"),
     ("DRP-IP step 64×64 (early)", "ratio", 1.15, "any"), ("DRP-IP step 64×64 (late)", "ratio", 1.15, "any"),
+    ("attention maps 64×64", "ratio", 1.10, "any"),
 ]
 
 

@@ -92,6 +92,24 @@ def peak_rss_mb():
 
 # ---- cold starts: files out of the page cache ------------------------------------------------------------
 
+def peak_of(call, device):
+    """The peak memory (GiB) while `call()` runs, or None where it cannot be told apart from the process's past:
+    the allocator's peak on a GPU; on Linux the peak resident memory, reset first through /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size (VmHWM)
+        except OSError:
+            return None
+    with torch.no_grad():
+        call()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_mb() / 1024
+
+
 def files_under(folders):
     return [p for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()]
 
