@@ -8,6 +8,10 @@
 * `reference_encoder(seed)`: transformers' CLIPVisionModelWithProjection at that tiny config, random.
 * `write_h94_folder(folder, ...)`: models/ip-adapter_sd15.*, models/ip-adapter-plus_sd15.* and
   models/image_encoder/ as the repository has them.
+* `tiny_ip_sd()`: the tiny SD of tests/tiny.py with a tiny random base adapter and image encoder, in memory.
+* `parity_world(root)` and `reference_pipeline(...)`: what the parity tests against diffusers share — the
+  same random models as a converted drp folder (with the base adapter and encoder) and as diffusers'
+  `StableDiffusionPipeline` with the DDIM scheduler drp samples with.
 """
 
 from pathlib import Path
@@ -15,9 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import TINY, randomize_
+from checkpoints import TINY, randomize_, reference_models, write_diffusers_folder
+from drp.convert import convert
 from drp.ip_adapter import IPAdapter, IPAdapterConfig, attn2_layers, file_index
-from drp.vision import VisionConfig
+from drp.vision import VisionConfig, VisionTransformer
+from tiny import reference_tokenizer, tiny_sd
 
 ENCODER = VisionConfig.tiny()
 FILES = {"base": "ip-adapter_sd15", "plus": "ip-adapter-plus_sd15"}
@@ -88,3 +94,43 @@ def write_h94_folder(folder, encoder, seed=0, forms=(".safetensors", ".bin")):
             save_adapter(models / f"{name}{form}", tensors)
     encoder.save_pretrained(models / "image_encoder")
     return models
+
+
+def tiny_ip_sd():
+    """The tiny SD of tests/tiny.py with a tiny random base IP-Adapter and image encoder set on it, in memory."""
+    sd = tiny_sd()
+    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
+    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
+    return sd
+
+
+def parity_world(root, forms=(".safetensors",)):
+    """The reference models (seed 0), their h94 folder, and our weights folder converted from both (the base
+    adapter and the image encoder added): (models, h94 `models/` folder, weights folder) under `root`."""
+    root = Path(root)
+    models = reference_models(seed=0)
+    write_diffusers_folder(root / "sd", models)
+    convert(root / "sd", root / "weights", dtype="fp32", progress=False)
+    h94 = write_h94_folder(root / "h94", reference_encoder(seed=5), forms=forms)
+    convert(h94 / f"{FILES['base']}{forms[0]}", root / "weights", dtype="fp32", progress=False)
+    convert(h94 / "image_encoder", root / "weights", dtype="fp32", progress=False)
+    return models, h94, root / "weights"
+
+
+def reference_pipeline(models, tokenizer_folder, h94=None):
+    """diffusers' StableDiffusionPipeline of `models` with SD 1.5's DDIM scheduler, as drp samples; with an
+    h94 folder, its base IP-Adapter and image encoder loaded (the reference preprocesses with transformers'
+    PIL CLIPImageProcessor, the one the weights were trained with)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessorPil
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionPipeline(**models, tokenizer=reference_tokenizer(tokenizer_folder), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=CLIPImageProcessorPil(),
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if h94 is not None:
+        pipe.load_ip_adapter(str(h94), subfolder="", weight_name=f"{FILES['base']}.safetensors",
+                             image_encoder_folder="image_encoder")
+    return pipe

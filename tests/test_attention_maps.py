@@ -13,13 +13,10 @@ import pytest
 import torch
 
 import drp
-from checkpoints import randomize_
 from drp.attention import attend
 from drp.attention_maps import save_npz
 from drp.errors import DrpError
-from drp.ip_adapter import IPAdapter
-from drp.vision import VisionTransformer
-from ip_checkpoints import ENCODER, adapter_config
+from ip_checkpoints import tiny_ip_sd
 from references import drp_sd, picture
 from tiny import tiny_sd
 
@@ -130,10 +127,7 @@ def run(sd, spy=None, **kw):
 
 @pytest.fixture(scope="module")
 def ip_sd():
-    sd = tiny_sd()
-    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
-    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
-    return sd
+    return tiny_ip_sd()
 
 
 def test_word_maps_equal_the_independent_computation_and_recording_changes_no_pixel_in_text_to_image():

@@ -1,6 +1,5 @@
 """`sample.py --attention-maps`: the picture beside each image, the report's rows, and bad names refused first."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from PIL import Image
 
 from drp.heatmaps import PAD, PANEL
 from tiny import tiny_weights_dir
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--steps", "2", "--height", "64", "--width", "64", "--no-progress"]
@@ -64,20 +64,13 @@ def test_with_references_the_picture_has_a_column_per_stage_and_the_report_holds
     assert find(picture, Image.open(tmp_path / "r.png")) is not None
 
 
-def load_sample_module():
-    spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("names, says", [
     ("fox,dog", "error: the attention map 'dog' is not a word of the prompt ('a' 'red' 'fox'); name words"),
     ("content", "error: the attention map 'content' names the content reference, which this run does not have"),
 ])
 def test_an_unknown_name_is_one_error_line_before_the_weights_are_loaded(tmp_path, capsys, names, says):
     missing = tmp_path / "no-weights"  # loading them would fail with another sentence
-    code = load_sample_module().main(["--weights", str(missing), "--no-download", "--prompt", "a red fox",
+    code = load_script("sample").main(["--weights", str(missing), "--no-download", "--prompt", "a red fox",
                                       "--attention-maps", names, "--out", str(tmp_path / "x.png"), *QUICK])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith(says) and err.count("\n") == 1

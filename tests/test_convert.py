@@ -4,7 +4,6 @@ with one sentence, and an interrupted or unforced conversion leaves existing wei
 
 import gc
 import hashlib
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from drp.unet import UNetConfig
 from drp.vae import VAEConfig
 from drp.weight_files import open_tensors
 from manifests import diffusers_manifest, ldm_manifest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4  # relative to the reference's largest magnitude, fp32
@@ -427,15 +427,8 @@ def test_cli_reports_a_bad_input_on_one_stderr_line_and_exits_1(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "convert_weights.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli_converts_prints_what_it_wrote_and_needs_force_to_overwrite(tiny_ldm, tmp_path, capsys):
-    cli = load_cli()
+    cli = load_script("convert_weights")
     src = ck.save_checkpoint(tmp_path / "tiny.safetensors", tiny_ldm)
     assert cli.main([str(src), "--out", str(tmp_path / "w"), "--dtype", "fp32"]) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -449,7 +442,7 @@ def test_cli_converts_prints_what_it_wrote_and_needs_force_to_overwrite(tiny_ldm
 def test_cli_download_saves_into_the_out_folder_then_converts(tiny_ldm, tmp_path, monkeypatch):
     import drp.download
 
-    cli = load_cli()
+    cli = load_script("convert_weights")
     source = ck.save_checkpoint(tmp_path / "tiny.safetensors", tiny_ldm)
     fetched = []
 
@@ -480,12 +473,12 @@ def test_cli_download_of_the_default_file_checks_it_against_the_pinned_sha256(tm
 
     monkeypatch.setattr(drp.download, "download", fake_download)
     monkeypatch.delenv("DRP_WEIGHTS_URL", raising=False)
-    assert load_cli().main(["--download", "--out", str(tmp_path / "w")]) == 1
+    assert load_script("convert_weights").main(["--download", "--out", str(tmp_path / "w")]) == 1
     assert asked == [(drp.download.DEFAULT_URL, tmp_path / "w" / "v1-5-pruned-emaonly.safetensors",
                       drp.download.DEFAULT_SHA256)]
     assert capsys.readouterr().err == "error: the test stops here.\n"
     monkeypatch.setenv("DRP_WEIGHTS_URL", "https://example.org/other.safetensors")  # no published hash to pin
-    load_cli().main(["--download", "--out", str(tmp_path / "w")])
+    load_script("convert_weights").main(["--download", "--out", str(tmp_path / "w")])
     assert asked[-1][2] is None
 
 

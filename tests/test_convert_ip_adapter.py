@@ -1,7 +1,6 @@
 """Converting IP-Adapter files and the image encoder: the layer numbering, both file forms, every refusal,
 interruption, and adding components to a folder that already holds converted weights."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ from ip_checkpoints import FILES, adapter_file, reference_encoder, write_h94_fol
 from local_server import FileHost, serving_files
 from manifests import MANIFESTS, read_manifest
 from tiny import tiny_weights_dir
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
@@ -188,13 +188,6 @@ def test_an_interrupted_conversion_leaves_the_old_component_and_no_partial_file(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # no .tmp, the old adapter intact
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "convert_weights.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 def test_cli_download_fetches_the_adapter_and_encoder_from_h94_then_converts(files, tmp_path, monkeypatch, capsys):
     import drp.download
 
@@ -209,7 +202,7 @@ def test_cli_download_fetches_the_adapter_and_encoder_from_h94_then_converts(fil
         return Path(dest)
 
     monkeypatch.setattr(drp.download, "download", fake_download)
-    cli = load_cli()
+    cli = load_script("convert_weights")
     assert cli.main(["--download", "ip-adapter", "--out", str(out), "--dtype", "fp32"]) == 0
     assert fetched == [cia.REPO + f for f in ["models/ip-adapter_sd15.safetensors", "models/image_encoder/config.json",
                                               "models/image_encoder/model.safetensors"]]
@@ -235,7 +228,7 @@ def test_cli_download_from_ip_adapter_url_or_the_environment_checks_the_hash_its
         files, tmp_path, mirror, monkeypatch, capsys):
     out = folder(files, tmp_path)
     monkeypatch.delenv("DRP_IP_ADAPTER_URL", raising=False)
-    cli = load_cli()
+    cli = load_script("convert_weights")
     assert cli.main(["--download", "ip-adapter", "--ip-adapter-url", mirror.url + "/mirror/", "--out", str(out),
                      "--dtype", "fp32"]) == 0
     assert mirror.paths() == ["/mirror/models/ip-adapter_sd15.safetensors", "/mirror/models/image_encoder/config.json",
@@ -297,5 +290,5 @@ def test_the_pinned_adapter_sizes_are_those_of_their_manifests_tensors_in_fp16_s
 ])
 def test_cli_addresses_for_the_other_download_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        load_cli().main(argv)
+        load_script("convert_weights").main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err

@@ -5,26 +5,21 @@ converter and diffusers' `load_ip_adapter` each read; the other tests use the sa
 in memory.
 """
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import drp
-from checkpoints import randomize_, reference_models, write_diffusers_folder
 from drp import ddim, dual_reference_ip as dri, svd_keys
-from drp.attention import Attention, AttnCall, attention_probs
+from drp.attention import attention_probs
 from drp.convert import convert
 from drp.errors import DrpError
-from drp.ip_adapter import IPAdapter
 from drp.method_common import resolve_mode
 from drp.report import save_report, text_lines
 from drp.sampling import decode, encode_text
-from drp.vision import VisionTransformer
-from ip_checkpoints import ENCODER, FILES, adapter_config, reference_encoder, write_h94_folder
-from tiny import reference_tokenizer, tiny_sd
+from ip_checkpoints import parity_world, reference_encoder, reference_pipeline, tiny_ip_sd
+from tiny import tiny_sd
 
 PIXEL_TOL = 2.5 / 255  # the issue's bound for whole-pipeline parity, in [0, 1] pixels
 # relative to the largest unmoved key (or attention weight): float32 sums of 128 products of tokens moved 5×
@@ -44,10 +39,7 @@ def pictures():
 @pytest.fixture(scope="module")
 def sd():
     """Tiny SD with a tiny random base IP-Adapter and image encoder, in memory."""
-    sd = tiny_sd()
-    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
-    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
-    return sd
+    return tiny_ip_sd()
 
 
 def relative_error(got, want):
@@ -64,30 +56,15 @@ def run(sd, prompt=PROMPT, **kw):
 
 
 def test_full_rank_no_tilt_and_no_background_prompt_equal_diffusers_ip_adapter_with_both_pictures(tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessorPil
-
-    models = reference_models(seed=0)
-    write_diffusers_folder(tmp_path / "sd", models)
-    convert(tmp_path / "sd", tmp_path / "weights", dtype="fp32", progress=False)
-    h94 = write_h94_folder(tmp_path / "h94", reference_encoder(seed=5), forms=(".safetensors",))
-    convert(h94 / f"{FILES['base']}.safetensors", tmp_path / "weights", dtype="fp32", progress=False)
-    convert(h94 / "image_encoder", tmp_path / "weights", dtype="fp32", progress=False)
-    ours = drp.load(tmp_path / "weights")
+    models, h94, weights = parity_world(tmp_path)
+    ours = drp.load(weights)
     content, style = pictures()
     result = run(ours, content=content, style=style, subject="cat", mode="auto", rank_energy=1.0, power=0,
                  bg_prompt=False)
     assert result.info["drp"]["mode"] == "ip-adapter"
     image = decode(ours, result.latents).permute(0, 2, 3, 1).numpy()
 
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                              set_alpha_to_one=False, clip_sample=False)
-    pipe = StableDiffusionPipeline(**models, tokenizer=reference_tokenizer(tmp_path), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=CLIPImageProcessorPil(),
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(str(h94), subfolder="", weight_name=f"{FILES['base']}.safetensors",
-                         image_encoder_folder="image_encoder")
+    pipe = reference_pipeline(models, tmp_path, h94)
     pipe.set_ip_adapter_scale(0.6)
     expected = pipe(PROMPT, latents=noise(), num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
                     ip_adapter_image=[[content, style]], output_type="np").images

@@ -6,7 +6,6 @@ DRP-Diff mode that does not run is an `error:` line naming the flag and its mode
 of `sample.main` run the same code as `python sample.py` without starting Python each time.
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -15,17 +14,16 @@ import pytest
 from PIL import Image
 
 import drp
-from checkpoints import randomize_
 from drp import dual_reference_ip as dri
 from drp.convert import convert
 from drp.errors import DrpError
-from drp.ip_adapter import IPAdapter, attn2_layers
+from drp.ip_adapter import attn2_layers
 from drp.png_info import parameters_text
 from drp.report import text_lines
 from drp.unet import UNetConfig
-from drp.vision import VisionTransformer
-from ip_checkpoints import ENCODER, adapter_config, adapter_file, reference_encoder, save_adapter
-from tiny import tiny_sd, tiny_weights_dir
+from ip_checkpoints import adapter_file, reference_encoder, save_adapter, tiny_ip_sd
+from tiny import tiny_weights_dir
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENT, STYLE = str(ROOT / "assets/chelsea.png"), str(ROOT / "assets/starry_night.jpg")
@@ -33,14 +31,7 @@ PROMPT = "a cat sitting on the beach"
 TINY_LAYERS = list(attn2_layers(UNetConfig.tiny()))
 
 
-def load_sample_module():
-    spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = load_sample_module()
+sample = load_script("sample")
 
 
 # --- the API: check_options and generate -------------------------------------------------------------------
@@ -102,10 +93,7 @@ def test_with_the_layer_names_check_options_refuses_names_the_unet_does_not_have
 
 @pytest.fixture(scope="module")
 def sd():
-    sd = tiny_sd()
-    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
-    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
-    return sd
+    return tiny_ip_sd()
 
 
 @pytest.mark.parametrize("knobs, message", BAD_OPTIONS, ids=[repr(k) for k, _ in BAD_OPTIONS])

@@ -16,13 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import drp
-from checkpoints import randomize_
 from drp import dual_reference_ip as dri
-from drp.ip_adapter import IPAdapter
-from drp.vision import VisionTransformer, clip_pixels
-from ip_checkpoints import ENCODER, adapter_config
+from drp.vision import clip_pixels
+from ip_checkpoints import ENCODER, parity_world, reference_pipeline, tiny_ip_sd
 from ip_spec import grey_picture, own_entropy, own_run, own_split, own_svd, own_switch
-from tiny import tiny_sd
 
 SIZE, STEPS, GUIDANCE = 64, 4, 7.5
 PROMPT = "a cat sitting on the beach"
@@ -38,10 +35,7 @@ CONTENT, STYLE = grey_picture(128), grey_picture(64, seed=1)  # H_cu = 7 bits, H
 @pytest.fixture(scope="module")
 def sd():
     """Tiny SD with a tiny random base IP-Adapter and image encoder, in memory."""
-    sd = tiny_sd()
-    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
-    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
-    return sd
+    return tiny_ip_sd()
 
 
 def noise():
@@ -137,9 +131,7 @@ def planted_spectrum(r, beta, scale=0.1):
 @pytest.fixture(scope="module")
 def planted():
     """The tiny models with every key weight's spectrum replaced by `planted_spectrum` (random singular vectors)."""
-    sd = tiny_sd()
-    sd.image_encoder = randomize_(VisionTransformer(ENCODER), 1).eval().requires_grad_(False)
-    sd.ip_adapter = randomize_(IPAdapter(adapter_config("base")), 2).eval().requires_grad_(False)
+    sd = tiny_ip_sd()
     g = torch.Generator().manual_seed(7)
     for name in sd.ip_adapter.layer_names:
         w = sd.ip_adapter.key_weight(name)
@@ -246,31 +238,11 @@ def test_every_step_late_with_the_filter_opened_equals_diffusers_joint_two_image
     """With e = 1, p = 0 and no C_bg the late group [C_cu W_fg ; C_st W̄] is [C_cu W ; C_st W]: one softmax over
     both pictures' tokens, as diffusers computes for ip_adapter_image=[[content, style]]; switch_step=0
     runs every step late, so the late stage alone makes the image."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessorPil
-
-    from checkpoints import reference_models, write_diffusers_folder
-    from drp.convert import convert
-    from ip_checkpoints import FILES, reference_encoder, write_h94_folder
-    from tiny import reference_tokenizer
-
-    models = reference_models(seed=0)
-    write_diffusers_folder(tmp_path / "sd", models)
-    convert(tmp_path / "sd", tmp_path / "weights", dtype="fp32", progress=False)
-    h94 = write_h94_folder(tmp_path / "h94", reference_encoder(seed=5), forms=(".safetensors",))
-    convert(h94 / f"{FILES['base']}.safetensors", tmp_path / "weights", dtype="fp32", progress=False)
-    convert(h94 / "image_encoder", tmp_path / "weights", dtype="fp32", progress=False)
-    ours = run(drp.load(tmp_path / "weights"), content=CONTENT, style=STYLE, subject="cat", switch_step=0,
+    models, h94, weights = parity_world(tmp_path)
+    ours = run(drp.load(weights), content=CONTENT, style=STYLE, subject="cat", switch_step=0,
                rank_energy=1.0, power=0, bg_prompt=False, scale_late=0.8).latents
 
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                              set_alpha_to_one=False, clip_sample=False)
-    pipe = StableDiffusionPipeline(**models, tokenizer=reference_tokenizer(tmp_path), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=CLIPImageProcessorPil(),
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(str(h94), subfolder="", weight_name=f"{FILES['base']}.safetensors",
-                         image_encoder_folder="image_encoder")
+    pipe = reference_pipeline(models, tmp_path, h94)
     pipe.set_ip_adapter_scale(0.8)
     expected = pipe(PROMPT, latents=noise(), num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
                     width=SIZE, ip_adapter_image=[[CONTENT, STYLE]], output_type="latent").images

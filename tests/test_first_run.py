@@ -11,7 +11,6 @@ without standard input, as on CI; the others call `sample.main` in this process.
 """
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import drp.download
 from checkpoints import tiny_checkpoint
 from ip_checkpoints import reference_encoder, write_h94_folder
 from local_server import FileHost, serving_files
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "v1-5-pruned-emaonly.safetensors"
@@ -62,10 +62,7 @@ def host(files, monkeypatch):
 
 
 def sample_main(*args):
-    spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    return load_script("sample").main([str(a) for a in args])
 
 
 def converted(weights):

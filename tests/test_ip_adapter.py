@@ -23,8 +23,8 @@ from drp.ip_adapter import DecoupledCrossAttention, ImageGroup, attn2_layers, fi
 from drp.png_info import parameters_text
 from drp.sampling import decode
 from drp.unet import UNet, UNetConfig
-from ip_checkpoints import FILES, reference_encoder, write_h94_folder
-from tiny import reference_tokenizer
+from ip_checkpoints import FILES, reference_encoder, reference_pipeline, write_h94_folder
+from scripts import load_script
 
 PIXEL_TOL = 2.5 / 255  # the bound for whole-pipeline parity, in [0, 1] pixels
 # relative to the largest magnitude of the expected output: the hook's keys through F.linear against the
@@ -49,17 +49,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPImageProcessorPil
-
-    models = world[0]
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                              set_alpha_to_one=False, clip_sample=False)
-    pipe = StableDiffusionPipeline(**models, tokenizer=reference_tokenizer(tmp_path_factory.mktemp("tok")),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=CLIPImageProcessorPil(),
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(world[0], tmp_path_factory.mktemp("tok"))  # each test loads the adapter it needs
 
 
 def with_adapter(world, tmp_path, kind, form):
@@ -219,18 +209,8 @@ def test_several_pictures_share_one_softmax_and_separate_groups_do_not(world, tm
     assert (separate - joint).abs().max() > 1e-3  # two softmaxes are not one
 
 
-def load_sample_module():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("sample", Path(__file__).resolve().parent.parent / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_cli_prompts_with_images_and_a_per_block_scale_and_records_them(world, tmp_path, capsys):
-    sample = load_sample_module()
+    sample = load_script("sample")
     sd = with_adapter(world, tmp_path, "plus", ".safetensors")
     for k, picture in enumerate(world[3]):
         picture.save(tmp_path / f"ref{k}.png")

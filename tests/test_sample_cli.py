@@ -5,7 +5,6 @@ in a fresh process. The many bad-input cases call `sample.main` in this process,
 code without the few seconds of starting Python and torch each time.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,20 +21,14 @@ from drp.errors import DrpError
 from drp.png_info import parameters_text, save_png
 from drp.unet import UNet
 from tiny import tiny_weights_dir
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--steps", "2", "--height", "64", "--width", "64", "--no-progress"]  # 64 px, 2 steps: a second each
 FOX = ["--prompt", "a red fox, in the snow", "--negative-prompt", "blurry", "--seed", "7", "--num-images", "2", *QUICK]
 
 
-def load_sample_module():
-    spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = load_sample_module()
+sample = load_script("sample")
 
 
 @pytest.fixture(scope="module")

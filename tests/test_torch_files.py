@@ -17,6 +17,7 @@ import checkpoints as ck
 from drp.convert import convert
 from drp.errors import DrpError
 from drp.torch_files import pickle_globals
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,15 +86,6 @@ PAYLOADS = {  # name: (writes the file, given tmp, the tiny state dict and the m
 }
 
 
-def load_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "convert_weights.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
 @pytest.mark.parametrize("kind", PAYLOADS)
 def test_every_pytorch_file_that_cannot_be_read_safely_ends_in_one_sentence_and_runs_nothing(tmp_path, capsys, kind):
     write, words = PAYLOADS[kind]
@@ -106,7 +98,7 @@ def test_every_pytorch_file_that_cannot_be_read_safely_ends_in_one_sentence_and_
     message = str(error.value)
     assert words in message and src.name in message
     assert "\n" not in message and message.endswith(".")
-    assert load_cli().main([str(src), "--out", str(tmp_path / "weights")]) == 1
+    assert load_script("convert_weights").main([str(src), "--out", str(tmp_path / "weights")]) == 1
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not marker.exists() and not (tmp_path / "weights").exists()
 

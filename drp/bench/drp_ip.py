@@ -58,7 +58,7 @@ def task_drp_ip(spec, device, dtype):
     content, style = pictures(spec["size"])
     out = {}
 
-    start = time.perf_counter()  # as the method computes them (float32, one thread on a CPU); prepare reuses them
+    start = time.perf_counter()  # as the method computes them (float32 on the CPU); prepare reuses them
     svd_keys.spectra(sd.ip_adapter, sd.ip_adapter.layer_names)
     out["svd_seconds"] = time.perf_counter() - start
 
@@ -120,7 +120,7 @@ def rows(result, first, spec, row):
                            note="the early stage's values through W_v (I - V_bg V_bg^T); expected: the same"))
     if result:
         out.append(row("DRP-IP: SVDs of the 16 image-key projections", result["svd_seconds"],
-                       note="once per loaded adapter; float32, one thread on a CPU"))
+                       note="once per loaded adapter; float32 on the CPU, with the process's threads"))
     if first is not None:
         out.append(row(f"DRP-IP generation {px}×{px}, 50 steps: first run / self-attention mode's first run",
                        first["ip-adapter"]["extrapolated"], first["self-attention"]["extrapolated"],

@@ -229,7 +229,8 @@ TARGETS = [  # (row name prefix, what, bound, when) from the issue; checked wher
     ("DRP step 64×64 (late)", "ratio", 2.2, "any"), ("DRP step 64×64 (early)", "ratio", 2.2, "any"),
     ("DRP generation: cached", "ratio", 0.75, "any"),
     ("DRP-IP step 64×64 (early)", "ratio", 1.15, "any"), ("DRP-IP step 64×64 (late)", "ratio", 1.15, "any"),
-    ("attention maps 64×64", "ratio", 1.10, "any"),
+    *[(f"attention maps 64×64, {mode} ({stage})", "ratio", 1.10, "any") for mode in ("ip-adapter", "self-attention")
+      for stage in ("early", "late")],
 ]
 
 
