@@ -47,6 +47,7 @@ import torch
 
 from ..clip import CLIPConfig
 from ..errors import DrpError
+from ..files import write_atomically
 from ..model_io import MODELS, build_on_meta
 from ..unet import UNetConfig
 from ..vae import VAEConfig
@@ -397,9 +398,8 @@ def main(argv=None):
                   **measured, "targets": check_targets(measured["rows"], args.dtype, device.type)}
         report["settings"]["device"] = str(device)
         print("\n" + format_report(report))
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        text = json.dumps(report, indent=2) + "\n"
+        write_atomically(args.json, lambda tmp: tmp.write_text(text), "give --json a writable path.")
         print(f"\nwritten to {args.json}")
     except DrpError as e:
         print(f"error: {e}", file=sys.stderr)
