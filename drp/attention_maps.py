@@ -48,6 +48,7 @@ from .dual_reference_ip import DualReferenceIP
 from .errors import DrpError
 from .files import write_atomically
 from .tokenizer import CONTEXT_LENGTH
+from .unet import grid_at, level_of
 
 REFERENCES = ("content", "style")
 MAP_LEVEL = 2  # the UNet level downsampled 4× (16×16 tokens at 512 px): where layout and words meet
@@ -88,23 +89,6 @@ def check_names(tokenizer, prompts, names, content=False, style=False):
             raise DrpError(f"the attention map {name!r} is not a word of the prompt ({words}); name words of "
                            "the prompt, or content/style for the references.")
     return names
-
-
-def level_of(name, levels):
-    """The resolution level of a layer or block name: down_blocks.i → i, up_blocks.i → levels-1-i, mid → deepest."""
-    kind, _, rest = name.partition(".")
-    if kind == "mid_block":
-        return levels - 1
-    i = int(rest.split(".")[0])
-    return i if kind == "down_blocks" else levels - 1 - i
-
-
-def grid_at(level, height, width):
-    """The token grid of a level: the latent (H/8, W/8) halved `level` times, rounded up."""
-    rows, cols = height // 8, width // 8
-    for _ in range(level):
-        rows, cols = -(-rows // 2), -(-cols // 2)
-    return rows, cols
 
 
 def reference_level(method, levels):

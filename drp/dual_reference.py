@@ -32,6 +32,7 @@ from .images import fit, load_image, load_mask
 from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, subject_positions,
                             subject_tokens as find_subject)
 from .sampling import TRAJECTORY_DTYPE, encode_text, invert
+from .unet import under
 
 USER_MASK = "user mask"
 NO_BACKGROUND = "whole image (no background found)"  # §2: the late stage's fallback, named in the report
@@ -59,7 +60,7 @@ class Options:
 
 
 def in_layers(name, prefixes):
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+    return any(under(name, p) for p in prefixes)
 
 
 class Recorder:

@@ -43,6 +43,7 @@ from .ip_adapter import DecoupledCrossAttention, resolve_scale
 from .method_common import (check_switch_step, entropy_switch, make_options, reference_name, resolve_mode,
                             subject_tokens)
 from .sampling import encode_text
+from .unet import under
 from .vision import clip_pixels
 
 LATE_GROUPS = ("both", "style-only")
@@ -117,11 +118,6 @@ def background_prompt(prompt, subject, placeholder=""):
     words = r"\s+".join(re.escape(w) for w in subject.split())
     text = re.sub(rf"(?<!\w){words}(?!\w)", placeholder, prompt, flags=re.IGNORECASE)
     return " ".join(text.split())
-
-
-def under(name, block):
-    """Whether attn2 layer (or block) `name` is `block` or lies inside it."""
-    return name == block or name.startswith(block + ".")
 
 
 def wanted_layers(ip_layers):
@@ -256,7 +252,7 @@ def prepare(sd, prompts, content=None, style=None, subject=None, content_mask=No
                       "(--no-bg-prompt) to keep the full prompt.", stacklevel=3)
 
     adapter, batch = sd.ip_adapter, len(prompts)
-    check_options(opts, adapter.layer_names)  # layer and block names: refused before any picture is read
+    # layer and block names the adapter lacks: refused here, before any picture is read
     layers = chosen_layers(adapter.layer_names, opts.ip_layers)
     scales = {stage: resolve_scale(scale, layers) for stage, scale in
               (("early", opts.scale_early), ("late", opts.scale_late))}

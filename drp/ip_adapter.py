@@ -34,7 +34,7 @@ from torch import nn
 
 from .attention import Attended, attend
 from .errors import DrpError
-from .unet import UNetConfig
+from .unet import UNetConfig, under
 
 KINDS = ("base", "plus")
 
@@ -297,12 +297,12 @@ def resolve_scale(scale, layer_names):
         raise DrpError(f"the IP-Adapter scale must be a number or a dict of block names to numbers, got {scale!r}.")
     blocks = sorted({".".join(name.split(".")[:2]) for name in layer_names if not name.startswith("mid_block")})
     for key in scale:
-        if not any(name == key or name.startswith(key + ".") for name in layer_names):
+        if not any(under(name, key) for name in layer_names):
             raise DrpError(f"the IP-Adapter scale names {key!r}, which is no block with cross-attention; "
                            f"use {', '.join(blocks + ['mid_block'])} (or one of their attentions).")
     resolved = {}
     for name in layer_names:
-        keys = [key for key in scale if name == key or name.startswith(key + ".")]
+        keys = [key for key in scale if under(name, key)]
         resolved[name] = float(scale[max(keys, key=len)]) if keys else 0.0
     return resolved
 

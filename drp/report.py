@@ -21,17 +21,16 @@ layer, a dot where its top k directions end. Panels for a reference or mask that
 out. PIL only, with its default font.
 """
 
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import DrpError
 from . import heatmaps
+from .errors import DrpError
 from .files import write_atomically
 from .images import fit, load_image
-from .unet import UNetConfig
+from .unet import UNetConfig, grid_at, level_of
 
 PAD = 8  # pixels between panels and around the edges
 LINE_GAP = 4  # pixels between text lines
@@ -159,10 +158,7 @@ def by_grid(layers, height, width):
     levels = len(UNetConfig().channels)
     groups = {}
     for name in layers:
-        kind, i = name.split(".")[0], int(name.split(".")[1]) if not name.startswith("mid") else 0
-        level = i if kind == "down_blocks" else levels - 1 - i if kind == "up_blocks" else levels - 1
-        rows, cols = (math.ceil(side // 8 / 2**level) for side in (height, width))
-        groups.setdefault((rows, cols), []).append(name)
+        groups.setdefault(grid_at(level_of(name, levels), height, width), []).append(name)
     return {f"{r}x{c}": names for (r, c), names in sorted(groups.items(), reverse=True)}
 
 

@@ -46,6 +46,33 @@ class UNetConfig:
         object.__setattr__(self, "attn_levels", tuple(self.attn_levels))
 
 
+# Layers are named by their dotted module paths ("up_blocks.1.attentions.2.transformer_blocks.0.attn2"), and
+# methods choose them by block ("up_blocks.1"); level i of L is the latent halved i times: down_blocks.i,
+# its mirror up_blocks.{L-1-i}, and the mid block at the deepest level.
+
+def under(name, block):
+    """Whether the layer (or block) `name` is `block` or lies inside it: the one rule by which names choose layers."""
+    return name == block or name.startswith(block + ".")
+
+
+def level_of(name, levels):
+    """The resolution level of a layer or block name: down_blocks.i → i, up_blocks.i → levels-1-i, mid → deepest."""
+    kind, _, rest = name.partition(".")
+    if kind == "mid_block":
+        return levels - 1
+    i = int(rest.split(".")[0])
+    return i if kind == "down_blocks" else levels - 1 - i
+
+
+def grid_at(level, height, width):
+    """The token grid of a level for a height × width image: the latent (H/8, W/8) halved `level` times,
+    rounded up as the stride-2 convolutions round."""
+    rows, cols = height // 8, width // 8
+    for _ in range(level):
+        rows, cols = -(-rows // 2), -(-cols // 2)
+    return rows, cols
+
+
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of the timestep, cosines first (SD's `flip_sin_to_cos=True`)."""
     half = dim // 2

@@ -31,6 +31,7 @@ from ..errors import DrpError
 from ..ip_adapter import IPAdapterConfig, attn2_layers, parse_scale
 from ..method_common import check_switch_step, make_options
 from ..model_io import read_model_json
+from ..unet import under
 
 OPTIONS = {"self-attention": dual_reference.Options, "ip-adapter": dual_reference_ip.Options}
 GENERATE_KNOBS = {"switch_step": SimpleNamespace(name="switch_step", type=int, default=None)}
@@ -167,7 +168,7 @@ def adapter_layers(weights):
 def check_layer_names(key, value, names, how):
     wanted = [value] if isinstance(value, str) else list(value)
     for w in wanted:
-        hit = w in names if how == "exact" else any(n == w or n.startswith(w + ".") for n in names)
+        hit = w in names if how == "exact" else any(under(n, w) for n in names)
         if not hit:
             blocks = sorted({"mid_block" if n.startswith("mid_block") else ".".join(n.split(".")[:2]) for n in names})
             raise DrpError(f"{key} names {w!r}, which is no {'layer' if how == 'exact' else 'block or layer'} of "

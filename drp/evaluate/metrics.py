@@ -22,7 +22,6 @@ Preprocessing is each model's own, pixel for pixel (drp/image_processing.py): CL
 224 with CLIP's mean/std; DINO's resize to 256, crop 224, ImageNet mean/std.
 """
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..errors import DrpError
 from ..tokenizer import Tokenizer
 from ..vision import (VisionConfig, VisionTransformer, clip_from_transformers, clip_pixels, dino_from_original,
                       dino_from_transformers, dino_pixels, load_state)
+from ..weight_files import sha256_of
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CLIP_HINT = "--clip takes a transformers CLIPModel folder such as openai/clip-vit-large-patch14"
@@ -57,15 +57,6 @@ def read_state(path, hint):
     return state
 
 
-def sha256_of(path):
-    """The sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 SIZES = {384: "S", 768: "B", 1024: "L", 1280: "H"}  # ViT widths by their usual letters
 
 
@@ -79,7 +70,7 @@ def vit_kind(cfg):
 def describe(model, cfg, file, name, given, **extra):
     """A scorer's `weights`: what scored, by content (the sha256 of `file`) and by name; `given`: what
     --clip/--dino named (a folder or a file), to read the same weights again."""
-    return dict(model=model, kind=vit_kind(cfg), file=name, sha256=sha256_of(file), **extra,
+    return dict(model=model, kind=vit_kind(cfg), file=name, sha256=sha256_of([Path(file)], progress=False), **extra,
                 path=str(Path(given).resolve()))
 
 
