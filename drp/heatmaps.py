@@ -26,6 +26,11 @@ HEAT = 0.65  # a panel is 35 % grey image + 65 % heat colour
 RAMP = np.array([(0, 0, 0), (200, 0, 0), (255, 210, 0), (255, 255, 255)], dtype=np.float64)  # 0 → 1
 
 
+def printable(text, font):
+    """`text` as `font` can draw it: the bitmap fallback font (a Pillow built without FreeType) knows Latin-1 only."""
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
+
+
 def heat_colours(m):
     """(h, w) values in [0, 1] → (h, w, 3) colours along RAMP."""
     stops = np.linspace(0, 1, len(RAMP))
@@ -57,16 +62,12 @@ def panel(image, m, caption, font):
 def picture(image, maps, index=0):
     """The rows of image `index`'s maps ({name: {stage: (B, h, w)}}) over `image` (PIL), as one PIL picture."""
     font = ImageFont.load_default()
-
-    def printable(s):  # the bitmap fallback font (a Pillow built without FreeType) knows Latin-1 only
-        return s if isinstance(font, ImageFont.FreeTypeFont) else s.encode("latin-1", "replace").decode("latin-1")
-
     w, h = panel_size(image)
     columns = max(len(stages) for stages in maps.values())
     canvas = Image.new("RGB", (PAD + columns * (w + PAD), PAD + len(maps) * (h + PAD)), (255, 255, 255))
     for row, (name, stages) in enumerate(maps.items()):
         for col, (stage, m) in enumerate(stages.items()):
-            caption = printable(f"{name}, {stage}: max {float(m[index].max()):.3g}")
+            caption = printable(f"{name}, {stage}: max {float(m[index].max()):.3g}", font)
             canvas.paste(panel(image, m[index], caption, font), (PAD + col * (w + PAD), PAD + row * (h + PAD)))
     return canvas
 

@@ -21,6 +21,7 @@ layer, a dot where its top k directions end. Panels for a reference or mask that
 out. PIL only, with its default font.
 """
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -217,9 +218,7 @@ def save_report(path, result, content=None, style=None):
     shown = panels(result, content, style)
     w, h = shown[-1][1].size
     font = ImageFont.load_default()
-
-    def printable(s):  # the bitmap fallback font (a Pillow built without FreeType) knows Latin-1 only
-        return s if isinstance(font, ImageFont.FreeTypeFont) else s.encode("latin-1", "replace").decode("latin-1")
+    printable = partial(heatmaps.printable, font=font)  # what the font can draw
 
     line_h = font.getbbox("Ag")[3] + LINE_GAP
     width = max(MIN_WIDTH, len(shown) * (w + PAD) + PAD)
