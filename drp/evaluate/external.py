@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..errors import DrpError
 from ..images import load_image
-from ..png_info import save_png
+from ..png_info import save_png, setting_text
 from .data import IMAGE_SUFFIXES
 from .plan import (FORMAT, check_run_folder, item_config, items_of, make_folder, read_run, remove_leftovers,
                    write_lines, write_text)
@@ -68,8 +68,7 @@ def pictures_in(folder):
 def parameters(item, method, source):
     """The imported PNG's `parameters` text: prompt, method, seed asked for, the file it came from."""
     pairs = dict(Method=method, Seed=item["seed"], Source=source.name)
-    return item["prompt"] + "\n" + ", ".join(f"{k}: {json.dumps(str(v)) if any(c in str(v) for c in ',:') else v}"
-                                             for k, v in pairs.items())
+    return item["prompt"] + "\n" + ", ".join(f"{k}: {setting_text(v)}" for k, v in pairs.items())
 
 
 def import_images(run, source, method=None, partial=False, progress=True, log=print):
